@@ -4,20 +4,23 @@ The graph pass creates one module per residual site under ``hc.<site>``; the mod
 only. The math is in :mod:`hc_rewrite.ops.reference`; :meth:`coeff_inputs` says which parameters feed
 the coefficient op, in its argument order.
 
-Function preservation. Expansion makes ``n`` identical copies and the reduction takes their mean, so
-the model is unchanged as long as every site keeps ``mean_i W[i]`` equal to the original residual
-value and its branch reads exactly that value:
+Function preservation. The reduction takes the mean over copies (Frac: concatenation), so the model
+is unchanged as long as every site keeps ``mean_i W[i]`` equal to the original residual value and its
+branch reads exactly that value. mHC also needs every connection parameter to learn from the first
+backward pass (docs/design.md has the argument):
 
-* mHC: ``H_pre = sigmoid(b_pre) = 1/n`` (gate ``alpha_pre = 0``); ``H_res`` column-stochastic (the
-  Sinkhorn iteration ends on columns), so any ``H_res`` keeps the mean, and its dynamic part starts
-  live (``alpha_res > 0``); ``H_post = 2 sigmoid(.)`` with biases and ``phi`` columns in
-  ``(+v, -v)`` pairs, so ``mean_i H_post[i] = 1`` exactly for every token while the copies start to
-  differ. Every parameter but ``b_res`` gets a real gradient on the first backward pass. ``H_res``
-  cannot: an exact init must read the stream through the copies' mean (a strictly positive doubly
-  stochastic matrix has the uniform vector as its only fixed left eigenvector), and no ``H_res``
-  changes that mean; its gradient grows once training moves ``H_pre`` off uniform (tested). The last
-  site of a stream has no ``H_res`` at all: only the mean of its output is ever read, so it would
-  never get a gradient.
+* mHC: the copies start *different*, ``W = 1 x + D`` with every deviation ``D`` in the span ``U`` of
+  the pair differences ``e_2k - e_2k+1`` (:func:`~hc_rewrite.ops.reference.pair_pattern`): the
+  expansion scales the copies by ``1 +- MHC_EXPAND_SPREAD``, and ``H_post = 2 sigmoid(.)`` has biases
+  and ``phi`` columns in ``(+v, -v)`` pairs, so ``H_post - 1`` lies in ``U`` for every token.
+  ``H_pre = sigmoid(b_pre)`` sums to 1 and is tilted along a vector orthogonal to ``U`` (gate
+  ``alpha_pre = 0``), so the branch reads ``x`` exactly while ``H_pre`` is not uniform.
+  ``H_res = Sinkhorn(exp(b_res))`` with ``b_res`` diagonal is ``a I + b J``, which maps ``U`` to itself
+  (its dynamic gate ``alpha_res`` starts at 0). A perturbation of ``H_res`` moves ``D`` out of ``U``,
+  which the next site's tilted ``H_pre`` reads: ``b_res`` has a real gradient at the first backward
+  pass. The last site of a stream has no ``H_res`` at all: only the mean of its output is ever read.
+  ``n = 2`` is the exception: ``U`` is then the whole zero-sum space, ``H_pre`` must stay uniform, and
+  ``b_res`` learns only once ``H_pre`` moves (the first step does that).
 * HC: the paper's init: ``A_m = e_(k mod n)``, ``A_r = I``, ``B = 1``, dynamic weights 0 (copies stay
   identical at init); tanh scale fixed at 0.01.
 * Frac: ``Y = I``, ``A = I``, ``B = 1``, dynamic weights 0 (branch input = concat of fractions = x).
@@ -29,22 +32,28 @@ import math
 import torch
 from torch import nn
 
-from .ops.reference import logit
+from .ops.reference import logit, pair_contrast, pair_pattern
 
 #: Diagonal weight of the initial mHC residual mixing matrix (off-diagonals share the rest).
 MHC_RES_DIAGONAL = 0.9
 #: Initial mHC post-bias magnitude of each (+, -) pair: H_post = 2 sigmoid(+-0.5) = 1.245 / 0.755.
 MHC_POST_SPREAD = 0.5
-#: Initial gates (alpha_pre, alpha_post, alpha_res) of the dynamic mHC terms.
-MHC_ALPHA = (0.0, 0.01, 0.01)
+#: Initial mHC pre-weight tilt: H_pre = (1 + MHC_PRE_TILT * pair_contrast(n)) / n (0.35 / 0.15 at n=4).
+MHC_PRE_TILT = 0.4
+#: mHC expansion: copy i = (1 + MHC_EXPAND_SPREAD * pair_pattern(n)[i]) * x (1.5 x / 0.5 x pairs).
+MHC_EXPAND_SPREAD = 0.5
+#: Initial gates (alpha_pre, alpha_post, alpha_res) of the dynamic mHC terms. The pre and res gates
+#: start closed (their dynamic terms would break exactness) and learn from the first step on.
+MHC_ALPHA = (0.0, 0.01, 0.0)
 
 
 def _pairs(n: int) -> torch.Tensor:
-    """``[+1, -1, +1, -1, ..., (0)]``: a pattern with zero sum whose sigmoid images average to 1/2."""
-    v = torch.zeros(n)
-    v[0:2 * (n // 2):2] = 1.0
-    v[1:2 * (n // 2):2] = -1.0
-    return v
+    return torch.tensor(pair_pattern(n))
+
+
+def expand_spread(spec) -> float:
+    """The ``spread`` argument of ``expand_stream`` for a variant: mHC copies start apart, HC identical."""
+    return MHC_EXPAND_SPREAD if spec.variant == "mhc" else 0.0
 
 
 class SiteParams(nn.Module):
@@ -68,7 +77,8 @@ class MHCSite(SiteParams):
         self.has_res = has_res
         kw = {"dtype": dtype, "device": device}
         k = 2 * n + (n * n if has_res else 0)
-        self.b_pre = nn.Parameter(torch.full((n,), logit(1.0 / n), **kw))
+        pre = [(1.0 + MHC_PRE_TILT * c) / n for c in pair_contrast(n)]
+        self.b_pre = nn.Parameter(torch.tensor([logit(p) for p in pre], **kw))
         self.b_post = nn.Parameter((MHC_POST_SPREAD * _pairs(n)).to(**kw))
         if has_res:
             off = math.log(MHC_RES_DIAGONAL * (n - 1) / (1.0 - MHC_RES_DIAGONAL))

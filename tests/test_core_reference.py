@@ -104,6 +104,7 @@ def test_registered_ops_match_reference():
     w = torch.randn(2, 3, n, c, generator=_gen(1))
     site = MHCSite(n, c, dynamic=True, has_res=False, generator=_gen(2))
     torch.testing.assert_close(ops.expand_stream(x, n), R.expand_stream(x, n))
+    torch.testing.assert_close(ops.expand_stream(x, n, 0.5), R.expand_stream(x, n, 0.5))
     torch.testing.assert_close(ops.reduce_stream(w), R.reduce_stream(w))
     torch.testing.assert_close(ops.split_fractions(x, 3), R.split_fractions(x, 3))
     torch.testing.assert_close(ops.merge_fractions(w), R.merge_fractions(w))
@@ -123,31 +124,73 @@ def test_expand_reduce_split_merge_inverse(n, c, seed):
     w = R.expand_stream(x, n)
     assert w.shape == (2, 3, n, c * n) and w.is_contiguous()
     torch.testing.assert_close(R.reduce_stream(w), x, rtol=1e-6, atol=0)  # mean of n copies: rounding
+    spread = R.expand_stream(x, n, 0.5)  # mHC: copies 1.5 x / 0.5 x in pairs, same mean
+    assert spread.shape == w.shape and _off_pairs(spread, x) <= 1e-6 * x.abs().max().item()
+    torch.testing.assert_close(R.reduce_stream(spread), x, rtol=1e-6, atol=1e-6)
+    assert (n >= 2) == (not torch.equal(spread, w))
     f = R.split_fractions(x, n)
     assert f.shape == (2, 3, n, c)
     assert torch.equal(R.merge_fractions(f), x)
 
 
 # ----------------------------------------------------------------------------- function preservation
+def _pair_deviation(x, n, g, scale):
+    """A widened stream ``1 x + D`` with ``D`` in the span of the pair differences ``e_2k - e_2k+1``: the
+    kind of stream an mHC init produces (and keeps)."""
+    w = x.unsqueeze(-2).repeat_interleave(n, dim=-2)
+    for k in range(n // 2):
+        d = torch.randn(x.shape, generator=g) * scale
+        w[..., 2 * k, :] += d
+        w[..., 2 * k + 1, :] -= d
+    return w
+
+
+def _off_pairs(w, x):
+    """How far ``w - 1 x`` is from the pair-difference span: pair sums and the lone copy must vanish."""
+    n = w.shape[-2]
+    d = w - x.unsqueeze(-2)
+    bad = [d[..., 2 * k, :] + d[..., 2 * k + 1, :] for k in range(n // 2)]
+    if n % 2:
+        bad.append(d[..., n - 1, :])
+    return torch.stack(bad).abs().max().item() if bad else 0.0
+
+
 @FAST
 @given(n=st.integers(2, 6), c=st.integers(1, 12), dynamic=st.booleans(), is_last=st.booleans(),
        scale=st.sampled_from([1e-3, 1.0, 100.0]), seed=st.integers(0, 10_000))
-def test_mhc_site_keeps_the_mean_for_any_stream(n, c, dynamic, is_last, scale, seed):
-    """At init, for ANY widened stream W (copies may differ): the branch reads mean(W), and the mean over
-    copies of the site output is mean(W) + y."""
+def test_mhc_site_is_exact_on_every_init_stream(n, c, dynamic, is_last, scale, seed):
+    """At init, for every stream ``1 x + D`` with the copies' deviations ``D`` in the pair-difference
+    span: the branch reads exactly ``x`` (through a non-uniform H_pre for n >= 3), and the site output
+    is ``1 (x + y) + D'`` with ``D'`` in the same span, so the next site is exact too."""
     g = _gen(seed)
     site = make_site(make_spec("mhc", n, dynamic), c, 0, is_last, generator=g)
-    w = torch.randn(4, n, c, generator=g) * scale
+    x = torch.randn(4, c, generator=g) * scale
     y = torch.randn(4, c, generator=g) * scale
+    w = _pair_deviation(x, n, g, scale)
     h_pre, h_post, h_res = _coeffs(site, w)
-    torch.testing.assert_close(R.stream_pre(w, h_pre), w.mean(-2), rtol=1e-5, atol=1e-6 * scale)
+    torch.testing.assert_close(R.stream_pre(w, h_pre), x, rtol=1e-5, atol=1e-6 * scale)
     out = R.stream_post(w, y, h_post, h_res)
     assert out.shape == w.shape
-    torch.testing.assert_close(out.mean(-2), w.mean(-2) + y, rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(out.mean(-2), x + y, rtol=1e-5, atol=1e-5 * scale)
+    assert _off_pairs(out, x + y) <= 1e-5 * scale
+    torch.testing.assert_close(h_pre.sum(-1), torch.ones(h_pre.shape[:-1]), rtol=0, atol=1e-6)
     torch.testing.assert_close(h_post.mean(-1), torch.ones(h_post.shape[:-1]), rtol=0, atol=1e-6)
     if h_res is not None:
         torch.testing.assert_close(h_res.sum(-2), torch.ones(h_res.shape[:-1]), rtol=0, atol=1e-6)
-    assert not torch.allclose(h_post, torch.ones_like(h_post))  # the copies start to differ
+        torch.testing.assert_close(h_res.sum(-1), torch.ones(h_res.shape[:-1]), rtol=0, atol=1e-6)
+    assert not torch.allclose(h_post, torch.ones_like(h_post))  # the copies move apart
+    assert torch.allclose(h_pre, torch.full_like(h_pre, 1.0 / n)) == (n <= 2)  # tilted from n = 3
+
+
+@FAST
+@given(n=st.integers(1, 8))
+def test_pair_pattern_and_contrast(n):
+    """The two init patterns: pair differences (zero sum) and a contrast orthogonal to all of them."""
+    p, c = torch.tensor(R.pair_pattern(n)), torch.tensor(R.pair_contrast(n))
+    assert p.sum() == 0 and abs(c.sum().item()) < 1e-6
+    for k in range(n // 2):
+        assert p[2 * k] == 1 and p[2 * k + 1] == -1 and c[2 * k] == c[2 * k + 1]
+    assert (c.abs().max().item() == pytest.approx(1.0)) == (n >= 3)
 
 
 @FAST

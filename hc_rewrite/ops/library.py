@@ -14,7 +14,7 @@ from . import reference as ref
 lib = torch.library.Library("hc_rewrite", "DEF")
 
 _SCHEMAS = {
-    "expand_stream": "expand_stream(Tensor x, int n) -> Tensor",
+    "expand_stream": "expand_stream(Tensor x, int n, float spread=0.0) -> Tensor",
     "reduce_stream": "reduce_stream(Tensor w) -> Tensor",
     "split_fractions": "split_fractions(Tensor x, int m) -> Tensor",
     "merge_fractions": "merge_fractions(Tensor w) -> Tensor",

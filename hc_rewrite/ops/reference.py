@@ -32,9 +32,35 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- stream ends
-def expand_stream(x: torch.Tensor, n: int) -> torch.Tensor:
-    """``[..., C] -> [..., n, C]``: ``n`` identical copies (mHC / HC)."""
-    return x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1]).contiguous()
+def pair_pattern(n: int) -> list[float]:
+    """``[+1, -1, +1, -1, ..., (0)]``: copies ``2k`` and ``2k+1`` form a pair of opposite signs (a lone
+    last copy, for odd ``n``, gets 0). Zero sum. Used for the deviations between copies that an mHC
+    init creates (expansion spread, ``H_post`` biases): every deviation lies in the span of the pair
+    differences ``e_2k - e_2k+1``."""
+    v = [0.0] * n
+    for k in range(n // 2):
+        v[2 * k], v[2 * k + 1] = 1.0, -1.0
+    return v
+
+
+def pair_contrast(n: int) -> list[float]:
+    """A zero-sum vector that is constant on every pair of :func:`pair_pattern` (so orthogonal to every
+    pair difference), normalised to max 1; all zeros for ``n <= 2``, where no such vector exists.
+    Pairs alternate in sign, the lone copy of odd ``n`` starts at 0, then the mean is removed."""
+    v = [(1.0 if (i // 2) % 2 == 0 else -1.0) if i < 2 * (n // 2) else 0.0 for i in range(n)]
+    mean = sum(v) / n
+    v = [x - mean for x in v]
+    top = max(abs(x) for x in v)
+    return [0.0] * n if top < 1e-12 else [x / top for x in v]
+
+
+def expand_stream(x: torch.Tensor, n: int, spread: float = 0.0) -> torch.Tensor:
+    """``[..., C] -> [..., n, C]``: ``n`` copies of ``x`` (mHC / HC), copy ``i`` scaled by
+    ``1 + spread * pair_pattern(n)[i]``. ``spread = 0``: identical copies. Any spread keeps the mean of
+    the copies equal to ``x``."""
+    if spread == 0.0:
+        return x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1]).contiguous()
+    return torch.stack([x * (1.0 + spread * v) for v in pair_pattern(n)], dim=-2)
 
 
 def reduce_stream(w: torch.Tensor) -> torch.Tensor:

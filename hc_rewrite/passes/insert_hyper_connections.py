@@ -10,7 +10,7 @@ Before (one pre-norm stream, two sites)::
 After (mHC shown; HC / Frac differ only in the coefficient and pre ops)::
 
     x0  = embed(ids)
-    W0  = hc_rewrite.expand_stream(x0, n)                  # [.., n, C]  (Frac: split_fractions)
+    W0  = hc_rewrite.expand_stream(x0, n, spread)          # [.., n, C]  (Frac: split_fractions)
     c0  = hc_rewrite.mhc_coeffs(W0, hc.s0_0.phi, ...)       # H_pre, H_post, H_res
     b0  = hc_rewrite.stream_pre(W0, c0[0])                 # what the branch reads instead of x0
     W1  = hc_rewrite.stream_post(W0, attn(ln1(b0)), c0[1], c0[2])
@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..connections import make_site
+from ..connections import expand_spread, make_site
 from ..graph_utils import RELU_TARGETS, VIEW_TARGETS, val
 from ..ops.library import ops
 from ..sites import Stream
@@ -110,6 +110,7 @@ def insert_hyper_connections(gm: fx.GraphModule, streams: list[Stream], spec, se
     generator = torch.Generator().manual_seed(seed)
     start_op = ops.split_fractions.default if spec.frac else ops.expand_stream.default
     end_op = ops.merge_fractions.default if spec.frac else ops.reduce_stream.default
+    start_extra = (expand_spread(spec),) if expand_spread(spec) else ()
     order = {node: i for i, node in enumerate(g.nodes)}
     dead, rewritten = [], 0
     for stream in streams:
@@ -117,7 +118,7 @@ def insert_hyper_connections(gm: fx.GraphModule, streams: list[Stream], spec, se
         channel_first = stream.feature_dim == 1
         cur = _Cursor(g, stream.root)
         start_in = cur.call(_MOVEDIM, (stream.root, 1, -1)) if channel_first else stream.root
-        wide = {stream.root: cur.call(start_op, (start_in, spec.n))}
+        wide = {stream.root: cur.call(start_op, (start_in, spec.n, *start_extra))}
         ours = {wide[stream.root], start_in}
         for site in sorted(stream.sites, key=lambda s: order[s.add]):
             w = wide[site.skip]
