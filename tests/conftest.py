@@ -5,7 +5,7 @@
   snapshot of the caller's model taken just before the rewrite. The cached module is shared: a test that
   changes it must use ``fresh_rewritten`` (which restores its state and mode afterwards).
 * ``toys``: small hand-written ``nn.Module`` nets for the graph-pass tests.
-* ``hx``: helpers (``main_output``, ``rel_err``, ``inputs``, ``hc_targets``, seeds).
+* ``hx``: the helpers of ``tests/helpers.py`` (``main_output``, ``rel_err``, ``inputs``, ``hc_targets``, seeds).
 """
 from __future__ import annotations
 
@@ -37,44 +37,10 @@ try:  # silence transformers' own logger (config warnings, weight-loading bars)
 except Exception:  # pragma: no cover - transformers is a test dependency
     pass
 
-CAPTURE_SEED = 0  # generator seed of the example inputs given to rewrite()
-FRESH_SEED = 1234  # generator seed of the inputs the tests compare on (never seen at capture)
-BATCH, SEQ = 2, 8
-
-VARIANTS = ("mhc", "frac", "hc")
-EQUIV_MODELS = ("gpt2", "llama", "bert", "vit", "minilm")
-
-
-# ----------------------------------------------------------------------------- helpers
-def main_output(out) -> torch.Tensor:
-    """The main tensor of a model output: a tensor, or the first entry of a tuple / HF ModelOutput."""
-    if isinstance(out, torch.Tensor):
-        return out
-    return out[0]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max|a - b| / max|a|."""
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).abs().max() / a.abs().max()).item()
-
-
-def inputs(name: str, seed: int, batch: int = BATCH, seq: int = SEQ):
-    return ZOO[name].inputs(batch, seq, torch.Generator().manual_seed(seed))
-
-
-def hc_targets(gm) -> list:
-    """Names of the ``torch.ops.hc_rewrite.*`` ops called in a graph module, in graph order."""
-    out = []
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and str(node.target).startswith("hc_rewrite."):
-            out.append(str(node.target).split(".")[1])
-    return out
-
-
-def snapshot(module: nn.Module) -> dict:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
+from .helpers import (  # noqa: E402
+    BATCH, CAPTURE_SEED, EQUIV_MODELS, FRESH_SEED, SEQ, VARIANTS, hc_targets, inputs, main_output, rel_err,
+    snapshot,
+)
 
 HELPERS = types.SimpleNamespace(
     main_output=main_output, rel_err=rel_err, inputs=inputs, hc_targets=hc_targets, snapshot=snapshot,
@@ -84,8 +50,7 @@ HELPERS = types.SimpleNamespace(
 
 @pytest.fixture(scope="session")
 def hx():
-    """The helpers above, for test modules (which do not import conftest: it may or may not be a
-    package module)."""
+    """The helpers of :mod:`tests.helpers` as one namespace, for the graph-pass tests."""
     return HELPERS
 
 

@@ -6,23 +6,9 @@ import torch
 import hc_rewrite
 from hc_rewrite.zoo import ZOO
 
+from .helpers import EQUIV_MODELS, FRESH_SEED, VARIANTS, inputs, main_output, rel_err
+
 TOL = 1e-5
-VARIANTS = ("mhc", "frac", "hc")
-EQUIV_MODELS = ("gpt2", "llama", "bert", "vit", "minilm")
-FRESH_SEED = 1234  # != the capture inputs' seed (0)
-
-
-def inputs(name, seed, batch=2, seq=8):
-    return ZOO[name].inputs(batch, seq, torch.Generator().manual_seed(seed))
-
-
-def main_output(out):
-    return out if isinstance(out, torch.Tensor) else out[0]
-
-
-def rel_err(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).abs().max() / a.abs().max()).item()
 
 
 def _outputs(model, new, name, seed=FRESH_SEED, batch=2, seq=8):

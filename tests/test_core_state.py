@@ -7,24 +7,8 @@ import pytest
 import torch
 
 import hc_rewrite
-from hc_rewrite.zoo import ZOO
 
-VARIANTS = ("mhc", "frac", "hc")
-MODELS = ("gpt2", "llama", "bert", "vit", "minilm")
-FRESH_SEED = 1234
-
-
-def inputs(name, seed=FRESH_SEED, batch=2, seq=8):
-    return ZOO[name].inputs(batch, seq, torch.Generator().manual_seed(seed))
-
-
-def main_output(out):
-    return out if isinstance(out, torch.Tensor) else out[0]
-
-
-def rel_err(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).abs().max() / a.abs().max()).item()
+from .helpers import EQUIV_MODELS, FRESH_SEED, VARIANTS, inputs, main_output, rel_err
 
 
 def run(module, name, seed=FRESH_SEED):
@@ -41,9 +25,7 @@ def perturb(module):
             p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
-
-
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", EQUIV_MODELS)
 def test_original_parameters_kept_new_ones_under_hc(name, rewritten):
     r = rewritten(name, "mhc", True)
     new_sd = r.new.state_dict()

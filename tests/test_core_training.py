@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from hc_rewrite.zoo import ZOO
 
-VARIANTS = ("mhc", "frac", "hc")
+from .helpers import VARIANTS, inputs, main_output
+
 LM = {"gpt2", "llama"}
 TRAIN_SEED = 77  # inputs of the training batch (neither the capture nor the comparison inputs)
 
@@ -27,14 +28,6 @@ def _loss_fn(name, new):
         return F.mse_loss(out, target)  # regression on the hidden states
 
     return loss
-
-
-def inputs(name, seed, batch, seq):
-    return ZOO[name].inputs(batch, seq, torch.Generator().manual_seed(seed))
-
-
-def main_output(out):
-    return out if isinstance(out, torch.Tensor) else out[0]
 
 
 def _hc_params(new):

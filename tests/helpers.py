@@ -1,0 +1,45 @@
+"""Helpers shared by the test modules (plain functions and constants; the fixtures are in conftest)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from hc_rewrite.zoo import ZOO
+
+CAPTURE_SEED = 0  # generator seed of the example inputs given to rewrite()
+FRESH_SEED = 1234  # generator seed of the inputs the tests compare on (never seen at capture)
+BATCH, SEQ = 2, 8
+
+VARIANTS = ("mhc", "frac", "hc")
+EQUIV_MODELS = ("gpt2", "llama", "bert", "vit", "minilm")
+
+
+# ----------------------------------------------------------------------------- helpers
+def main_output(out) -> torch.Tensor:
+    """The main tensor of a model output: a tensor, or the first entry of a tuple / HF ModelOutput."""
+    if isinstance(out, torch.Tensor):
+        return out
+    return out[0]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max|a - b| / max|a|."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).abs().max() / a.abs().max()).item()
+
+
+def inputs(name: str, seed: int, batch: int = BATCH, seq: int = SEQ):
+    return ZOO[name].inputs(batch, seq, torch.Generator().manual_seed(seed))
+
+
+def hc_targets(gm) -> list:
+    """Names of the ``torch.ops.hc_rewrite.*`` ops called in a graph module, in graph order."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and str(node.target).startswith("hc_rewrite."):
+            out.append(str(node.target).split(".")[1])
+    return out
+
+
+def snapshot(module: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
