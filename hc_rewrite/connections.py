@@ -47,10 +47,6 @@ MHC_EXPAND_SPREAD = 0.5
 MHC_ALPHA = (0.0, 0.01, 0.0)
 
 
-def _pairs(n: int) -> torch.Tensor:
-    return torch.tensor(pair_pattern(n))
-
-
 def expand_spread(spec) -> float:
     """The ``spread`` argument of ``expand_stream`` for a variant: mHC copies start apart, HC identical."""
     return MHC_EXPAND_SPREAD if spec.variant == "mhc" else 0.0
@@ -79,7 +75,7 @@ class MHCSite(SiteParams):
         k = 2 * n + (n * n if has_res else 0)
         pre = [(1.0 + MHC_PRE_TILT * c) / n for c in pair_contrast(n)]
         self.b_pre = nn.Parameter(torch.tensor([logit(p) for p in pre], **kw))
-        self.b_post = nn.Parameter((MHC_POST_SPREAD * _pairs(n)).to(**kw))
+        self.b_post = nn.Parameter((MHC_POST_SPREAD * torch.tensor(pair_pattern(n))).to(**kw))
         if has_res:
             off = math.log(MHC_RES_DIAGONAL * (n - 1) / (1.0 - MHC_RES_DIAGONAL))
             self.b_res = nn.Parameter((off * torch.eye(n)).to(**kw))

@@ -110,7 +110,8 @@ def insert_hyper_connections(gm: fx.GraphModule, streams: list[Stream], spec, se
     generator = torch.Generator().manual_seed(seed)
     start_op = ops.split_fractions.default if spec.frac else ops.expand_stream.default
     end_op = ops.merge_fractions.default if spec.frac else ops.reduce_stream.default
-    start_extra = (expand_spread(spec),) if expand_spread(spec) else ()
+    spread = expand_spread(spec)
+    start_extra = (spread,) if spread else ()  # HC: the plain two-argument expand
     order = {node: i for i, node in enumerate(g.nodes)}
     dead, rewritten = [], 0
     for stream in streams:
