@@ -20,6 +20,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
@@ -72,6 +73,12 @@ def test_import_without_triton_is_safe():
 
 
 # ----------------------------------------------------------------------------- helpers
+@pytest.fixture(autouse=True)
+def _fixed_inputs(request):
+    """Fixed random inputs per test (seeded by the test's id), the same in every process and order."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
 @pytest.fixture(autouse=True)
 def _poison():
     if not IN_PROCESS:
