@@ -35,7 +35,7 @@ def measure(name: str) -> dict:
     t0 = time.perf_counter()
     for variant in VARIANTS:
         try:
-            new = hc_rewrite.rewrite(model, args, kwargs, variant=variant, n=4)
+            new = hc_rewrite.rewrite(model, args, kwargs, variant=variant, n=4, form="graph")
         except Exception as e:  # noqa: BLE001 - a failure is a row of the table, not a crash
             row[variant] = f"error: {type(e).__name__}"
             continue

@@ -96,7 +96,7 @@ def build(variant, d, layers, x, device, compile_, kernels, seed=0):
         return (torch.compile(model) if compile_ else model), model, "inductor" if compile_ else "eager"
     import hc_rewrite
 
-    gm = hc_rewrite.rewrite(model, (x,), variant=variant, n=4)
+    gm = hc_rewrite.rewrite(model, (x,), variant=variant, n=4, form="graph")
     if not compile_:
         return gm, gm, "eager"
     compiled, how = _compile_rewritten(gm, kernels, device)

@@ -259,7 +259,7 @@ def run_variant(variant, base, train, val, tstarts, vstarts, cfg, args, device, 
         else:
             example, _ = windows(train, tstarts[0], seq)
             model = hc_rewrite.rewrite(base, (), {"input_ids": example.to(device)}, variant=variant,
-                                       n=args.n, dynamic=not args.static)
+                                       n=args.n, dynamic=not args.static, form="graph")
         model.train()
         rewrite_s = time.perf_counter() - t0
         n_params = sum(p.numel() for p in model.parameters())

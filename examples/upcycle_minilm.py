@@ -180,7 +180,7 @@ def run_variant(variant, model, enc, train, held, ref_emb, sentences, args) -> d
         new = copy.deepcopy(model)
     else:
         example = enc.tokens([p[1] for p in train[: args.batch]])
-        new = hc_rewrite.rewrite(model, (), example, variant=variant, n=args.n)
+        new = hc_rewrite.rewrite(model, (), example, variant=variant, n=args.n, form="graph")
     rewrite_s = time.perf_counter() - t0
     new.eval()
     with torch.no_grad():

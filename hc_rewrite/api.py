@@ -1,23 +1,32 @@
 """Public entry points: :func:`rewrite` and :func:`report`."""
 from __future__ import annotations
 
-import torch
-import torch.fx as fx
+import copy
 
-from .capture import capture
-from .errors import NoResidualStreamError, NotAModuleError
+import torch
+import torch.utils._pytree as pytree
+
+from .capture import capture, prepare_kwargs
+from .errors import NoResidualStreamError, NotAModuleError, StructureError
 from .passes import (
     find_residual_sites,
     group_residual_streams,
     insert_hyper_connections,
+    place_sites_on_modules,
     remove_export_guards,
     restore_batch_norm_modules,
     restore_dropout_modules,
 )
 from .report import RewriteReport, SiteReport, StreamReport
 from .spec import HCSpec, make_spec
+from .stream_value import TRACE, StreamError
+from .structured import attach, build_plan
 
 _WIDTH_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
+FORMS = ("module", "graph")
+#: Largest relative error of the structure-preserving form against the original on the example call at
+#: init; above it the rewrite refuses to return a model (fp32 results are ~1e-7).
+CHECK_TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 
 
 def _precheck_width(model, spec: HCSpec) -> None:
@@ -30,14 +39,18 @@ def _precheck_width(model, spec: HCSpec) -> None:
             return
 
 
-def _run(model, example_inputs, example_kwargs, spec: HCSpec):
-    """Capture, detect and rewrite; returns ``(graph_module, report)``. The caller's model is untouched."""
+def _check_model(model) -> None:
     if not isinstance(model, torch.nn.Module):
         raise NotAModuleError(f"expected an nn.Module, got {type(model).__name__}: nothing was rewritten")
     previous = getattr(model, "hc_report", None)
     if previous is not None or isinstance(getattr(model, "hc", None), torch.nn.Module):
         what = f"into {previous.variant} n={previous.n}" if previous is not None else "(it has hc.* parameters)"
         raise ValueError(f"this model was already rewritten by hc_rewrite {what}; rewrite the original model instead")
+
+
+def _analyse(model, example_inputs, example_kwargs, spec: HCSpec):
+    """Capture and detect: ``(captured, sites, streams)``. The caller's model is untouched."""
+    _check_model(model)
     _precheck_width(model, spec)
     captured = capture(model, example_inputs, example_kwargs)
     gm = captured.gm
@@ -48,30 +61,43 @@ def _run(model, example_inputs, example_kwargs, spec: HCSpec):
     streams = group_residual_streams(gm, sites)
     for stream in streams:
         spec.check_width(stream.width, f"residual stream {stream.id} (expanded at {stream.root.name})")
-    if streams:
-        insert_hyper_connections(gm, streams, spec, seed=spec.seed)  # recompiles gm
-    stream_reports = [
-        StreamReport(id=s.id, width=s.width, sites=len(s.sites), start=s.root.name,
-                     layout="channels-first" if s.feature_dim == 1 else "channels-last",
-                     ends=[f"{v} -> {u}" for v, u in s.ends])
-        for s in streams
-    ]
-    rep = RewriteReport(
+    return captured, sites, streams
+
+
+def _report(model, spec, captured, sites, streams, form, new_parameters, init_rel_err=None) -> RewriteReport:
+    return RewriteReport(
         model=type(model).__name__, variant=spec.variant, n=spec.n, dynamic=spec.dynamic,
-        capture=captured.method, streams=stream_reports,
+        capture=captured.method, form=form, init_rel_err=init_rel_err,
+        streams=[
+            StreamReport(id=s.id, width=s.width, sites=len(s.sites), start=s.root.name,
+                         layout="channels-first" if s.feature_dim == 1 else "channels-last",
+                         ends=[f"{v} -> {u}" for v, u in s.ends])
+            for s in streams
+        ],
         sites=[
-            SiteReport(
-                name=s.name, module=s.module, branch_module=s.branch_module, kind=s.kind,
-                rewritten=s.rewritten, reason=s.reason, stream=s.stream, index=s.index,
-            )
+            SiteReport(name=s.name, module=s.module, branch_module=s.branch_module, kind=s.kind,
+                       rewritten=s.rewritten, reason=s.reason, stream=s.stream, index=s.index)
             for s in sites
         ],
-        new_parameters=sum(p.numel() for p in gm.hc.parameters()) if streams else 0,
+        new_parameters=new_parameters,
     )
+
+
+def _no_stream(model, rep):
+    return NoResidualStreamError(f"no residual stream found in {type(model).__name__}: nothing to rewrite\n{rep}",
+                                 report=rep)
+
+
+# ----------------------------------------------------------------------------- graph form
+def _run_graph(model, example_inputs, example_kwargs, spec: HCSpec):
+    captured, sites, streams = _analyse(model, example_inputs, example_kwargs, spec)
+    gm = captured.gm
+    if streams:
+        insert_hyper_connections(gm, streams, spec, seed=spec.seed)  # recompiles gm
+    rep = _report(model, spec, captured, sites, streams, "graph",
+                  sum(p.numel() for p in gm.hc.parameters()) if streams else 0)
     if not streams:
-        raise NoResidualStreamError(
-            f"no residual stream found in {type(model).__name__}: nothing to rewrite\n{rep}", report=rep
-        )
+        raise _no_stream(model, rep)
     _Finalize(captured.binder, rep)(gm)
     gm.train(model.training)
     return gm, rep
@@ -93,35 +119,130 @@ class _Finalize:
             register(self)
 
 
-def rewrite(model, example_inputs, example_kwargs=None, *, variant="mhc", n=4, dynamic=True,
-            **options) -> fx.GraphModule:
+# ----------------------------------------------------------------------------- module form
+def _float_leaves(out) -> list:
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _max_rel_err(ref_out, out) -> float:
+    a, b = _float_leaves(ref_out), _float_leaves(out)
+    if len(a) != len(b):
+        raise StructureError(f"the rewritten model returns {len(b)} floating tensors, the original {len(a)}")
+    worst = 0.0
+    for x, y in zip(a, b):
+        if x.shape != y.shape:
+            raise StructureError(f"an output of the rewritten model has shape {tuple(y.shape)}, the original's "
+                                 f"{tuple(x.shape)}")
+        x, y = x.detach().double(), y.detach().double()
+        scale = x.abs().max().item()
+        if scale > 0:
+            worst = max(worst, (x - y).abs().max().item() / scale)
+    return worst
+
+
+def _place(gm, sites, streams):
+    """Placements for every placeable site; refused sites split their streams, so regroup until stable."""
+    while True:
+        placements = place_sites_on_modules(gm, streams)
+        placed = {p.site for p in placements}
+        if all(s in placed for st in streams for s in st.sites):
+            return streams, placements
+        streams = group_residual_streams(gm, sites)
+
+
+def _run_module(model, example_inputs, example_kwargs, spec: HCSpec):
+    captured, sites, streams = _analyse(model, example_inputs, example_kwargs, spec)
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    kwargs = prepare_kwargs(model, example_kwargs)
+    reference = captured.gm.eval()
+    reference.recompile()  # the passes above leave recompiling to their last user
+    with torch.no_grad():
+        ref_out = reference(*args, **kwargs)
+    while True:
+        streams, placements = _place(captured.gm, sites, streams)
+        if not streams:
+            rep = _report(model, spec, captured, sites, streams, "module", 0)
+            raise _no_stream(model, rep)
+        plan = build_plan(spec, streams, placements)
+        new = attach(copy.deepcopy(model).eval(), plan)
+        by_name = {s.name: s for st in streams for s in st.sites}
+        try:
+            with torch.no_grad(), TRACE:
+                out = new(*args, **kwargs)
+            lost = [name for name in by_name if name not in TRACE.added]
+            why = "its add was not reached through the stream value at run time (the skip is copied or " \
+                  "transformed by code the rewrite does not follow)"
+        except StreamError as e:
+            culprit = next((n for n in by_name if f"site {n} " in str(e)), None)
+            if culprit is None:
+                raise
+            lost, why = [culprit], f"at run time: {e}"
+        if not lost:
+            break
+        for name in lost:
+            by_name[name].reason = why
+        streams = group_residual_streams(captured.gm, sites)
+    err = _max_rel_err(ref_out, out)
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    if err > CHECK_TOL.get(dtype, 1e-5):
+        raise StructureError(
+            f"the structure-preserving rewrite of {type(model).__name__} differs from the original by {err:.2e} "
+            "(relative) on the example call at init: refusing to return it. form='graph' gives the flat graph form")
+    for st in streams:
+        for s in st.sites:
+            s.rewritten = True
+    rep = _report(model, spec, captured, sites, streams, "module",
+                  sum(p.numel() for p in new.hc.parameters()), init_rel_err=err)
+    new.hc_report = rep
+    new.train(model.training)
+    return new, rep
+
+
+def _run(model, example_inputs, example_kwargs, spec: HCSpec, form: str = "module"):
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}: expected one of {', '.join(FORMS)}")
+    run = _run_module if form == "module" else _run_graph
+    return run(model, example_inputs, example_kwargs, spec)
+
+
+def rewrite(model, example_inputs, example_kwargs=None, *, variant="mhc", n=4, dynamic=True, form="module",
+            **options) -> torch.nn.Module:
     """Rewrite every residual stream of ``model`` into ``variant`` connections.
 
-    ``model(*example_inputs, **example_kwargs)`` is captured as an FX graph; residual streams are
-    detected and rewritten (see :mod:`hc_rewrite.passes`). Returns a new module (the caller's model is
-    not modified) that computes what ``model`` computes until trained, keeps the original parameter
-    names in its ``state_dict`` and adds the connection parameters under ``hc.``. Its report is at
-    ``.hc_report``.
+    ``model(*example_inputs, **example_kwargs)`` is captured as an FX graph and its residual streams are
+    detected (see :mod:`hc_rewrite.passes`). The caller's model is not modified.
 
-    ``n``: expansion rate (mhc, hc) or number of fractions (frac). ``options``: ``sinkhorn_iters``
-    (mhc, default 20), ``seed`` (initialisation of the dynamic mHC projections, default 0).
+    ``form="module"`` (default): returns a copy of the user's model, same class and module tree, whose
+    Python code keeps running; the connection math is injected where each branch enters its first submodule
+    and at each residual add (:mod:`hc_rewrite.structured`). It accepts every input the original accepts, at
+    any shape. Sites that cannot be placed that way are refused with the reason in the report. It is checked
+    against the original on the example call before it is returned.
+
+    ``form="graph"``: one flat ``GraphModule`` of the example call (specialised to its inputs and branches;
+    what the ONNX export and the ``hc_rewrite`` compile backend's graph passes work on).
+
+    Both keep the original parameter names in their ``state_dict`` and add the connection parameters under
+    ``hc.``; the report is at ``.hc_report``. ``n``: expansion rate (mhc, hc) or number of fractions (frac).
+    ``options``: ``sinkhorn_iters`` (mhc, default 20), ``seed`` (initialisation of the dynamic mHC
+    projections, default 0).
 
     Raises ``ValueError`` (:class:`~hc_rewrite.errors.SpecError`) for a spec that does not fit,
-    :class:`~hc_rewrite.errors.CaptureError` for a model that cannot be captured, and
-    :class:`~hc_rewrite.errors.NoResidualStreamError` (with ``.report``) when nothing can be rewritten.
+    :class:`~hc_rewrite.errors.CaptureError` for a model that cannot be captured,
+    :class:`~hc_rewrite.errors.NoResidualStreamError` (with ``.report``) when nothing can be rewritten, and
+    :class:`~hc_rewrite.errors.StructureError` when the module form cannot reproduce the original.
     """
     spec = make_spec(variant, n, dynamic, **options)
-    gm, _ = _run(model, example_inputs, example_kwargs, spec)
-    return gm
+    new, _ = _run(model, example_inputs, example_kwargs, spec, form)
+    return new
 
 
-def report(model, example_inputs, example_kwargs=None, *, variant="mhc", n=4, dynamic=True,
+def report(model, example_inputs, example_kwargs=None, *, variant="mhc", n=4, dynamic=True, form="module",
            **options) -> RewriteReport:
     """What :func:`rewrite` would do, with the same arguments: every stream and site, and why a site is
     refused. Unlike :func:`rewrite`, a model without residual streams gives a report, not an error."""
     spec = make_spec(variant, n, dynamic, **options)
     try:
-        _, rep = _run(model, example_inputs, example_kwargs, spec)
+        _, rep = _run(model, example_inputs, example_kwargs, spec, form)
     except NoResidualStreamError as e:
         rep = e.report
     return rep

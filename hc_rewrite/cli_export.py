@@ -62,7 +62,7 @@ def run_export_onnx(args) -> int:
     model = entry.build()
     ex_args, ex_kwargs = entry.inputs(batch=args.batch, seq=args.seq, generator=torch.Generator().manual_seed(0))
     try:
-        new_model = rewrite(model, ex_args, ex_kwargs, variant=args.variant, n=args.n, dynamic=not args.static)
+        new_model = rewrite(model, ex_args, ex_kwargs, variant=args.variant, n=args.n, dynamic=not args.static, form="graph")
     except (HCRewriteError, ValueError) as e:
         print(f"export-onnx: cannot rewrite {args.model}: {e}", file=sys.stderr)
         return 1

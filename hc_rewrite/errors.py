@@ -27,3 +27,7 @@ class NoResidualStreamError(HCRewriteError, ValueError):
 
 class BackendError(HCRewriteError, RuntimeError):
     """The ``hc_rewrite`` torch.compile backend was used in a way it cannot honour."""
+
+
+class StructureError(HCRewriteError, RuntimeError):
+    """The structure-preserving form could not reproduce the original on the example call."""

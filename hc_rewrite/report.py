@@ -36,6 +36,8 @@ class RewriteReport:
     sites: list = field(default_factory=list)
     streams: list = field(default_factory=list)
     new_parameters: int = 0
+    form: str = "module"  # "module": the user's model with hooks; "graph": one flat GraphModule
+    init_rel_err: float | None = None  # module form: measured at rewrite time on the example call
 
     @property
     def rewritten(self) -> list:
@@ -68,10 +70,11 @@ class RewriteReport:
     def __str__(self) -> str:
         spec = f"{self.variant} n={self.n} {'dynamic' if self.dynamic else 'static'}"
         lines = [
-            f"hc_rewrite report: {self.model} -> {spec} (captured with {self.capture})",
+            f"hc_rewrite report: {self.model} -> {spec}, {self.form} form (captured with {self.capture})",
             f"{len(self.streams)} stream(s), {len(self.sites)} residual site(s): "
             f"{len(self.rewritten)} rewritten, {len(self.refused)} refused; "
-            f"{self.new_parameters:,} new parameters",
+            f"{self.new_parameters:,} new parameters"
+            + ("" if self.init_rel_err is None else f"; checked against the original: rel. error {self.init_rel_err:.1e}"),
         ]
         for st in self.streams:
             readers = ", ".join(st.ends) if st.ends else "-"

@@ -102,7 +102,7 @@ def rewritten(zoo_model):
             model = zoo_model(name)
             args, kwargs = inputs(name, CAPTURE_SEED)
             before = snapshot(model)
-            new = hc_rewrite.rewrite(model, args, kwargs, variant=variant, n=4, dynamic=dynamic)
+            new = hc_rewrite.rewrite(model, args, kwargs, variant=variant, n=4, dynamic=dynamic, form="graph")
             cache[key] = Rewritten(model=model, before=before, new=new, args=args, kwargs=kwargs,
                                    init_state=snapshot(new))
         return cache[key]

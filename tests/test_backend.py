@@ -49,7 +49,7 @@ def _toy(variant="hc", n=2):
     torch.manual_seed(0)
     net = Toy().eval()
     x = torch.randn(2, 8, 32)
-    return net, x, hc_rewrite.rewrite(net, (x,), variant=variant, n=n)
+    return net, x, hc_rewrite.rewrite(net, (x,), variant=variant, n=n, form="graph")
 
 
 def _perturb(model, seed=0):
@@ -298,7 +298,7 @@ def test_gpt2_mhc_fullgraph_grads_and_bounded_recompiles(inductor_cpu):
     gen = torch.Generator().manual_seed(0)
     _, kwargs = entry.inputs(batch=2, seq=8, generator=gen)
     # sinkhorn_iters=4 (not 20): the graph is 4x smaller and compiles 3x faster; the ops are the same
-    model = hc_rewrite.rewrite(entry.build(), (), kwargs, variant="mhc", n=4, sinkhorn_iters=4)
+    model = hc_rewrite.rewrite(entry.build(), (), kwargs, variant="mhc", n=4, sinkhorn_iters=4, form="graph")
     _perturb(model)
     compiles = []
 
@@ -327,7 +327,7 @@ def test_llama_frac_fullgraph_grads(inductor_cpu):
 
     entry = ZOO["llama"]
     _, kwargs = entry.inputs(batch=2, seq=8, generator=torch.Generator().manual_seed(0))
-    model = hc_rewrite.rewrite(entry.build(), (), kwargs, variant="frac", n=4)
+    model = hc_rewrite.rewrite(entry.build(), (), kwargs, variant="frac", n=4, form="graph")
     _perturb(model)
     compiled = torch.compile(model, backend="hc_rewrite", fullgraph=True)
     _run_or_skip(_check_against_eager, model, compiled, (), kwargs)

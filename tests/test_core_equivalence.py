@@ -103,15 +103,15 @@ def test_positional_and_keyword_calls_agree(rewritten):
 def test_toy_nets_preserved(variant, toys, make_toy):
     for cls in (toys.PreNormMLP, toys.PostNormNet, toys.NonDominatedNet):
         model, x, x2 = make_toy(cls)
-        new = hc_rewrite.rewrite(model, (x,), variant=variant, n=4)
+        new = hc_rewrite.rewrite(model, (x,), variant=variant, n=4, form="graph")
         with torch.no_grad():
             assert rel_err(model(x2), new(x2)) <= TOL, cls.__name__
 
 
 def test_report_matches_rewrite(toys, make_toy):
     model, x, _ = make_toy(toys.NonDominatedNet)
-    rep = hc_rewrite.report(model, (x,), variant="frac", n=2, dynamic=False)
-    new = hc_rewrite.rewrite(model, (x,), variant="frac", n=2, dynamic=False)
+    rep = hc_rewrite.report(model, (x,), variant="frac", n=2, dynamic=False, form="graph")
+    new = hc_rewrite.rewrite(model, (x,), variant="frac", n=2, dynamic=False, form="graph")
     assert rep.to_dict() == new.hc_report.to_dict()
     assert [s.rewritten for s in rep.sites] == [True, False, True]
     assert "does not dominate" in rep.refused[0].reason
@@ -120,7 +120,7 @@ def test_report_matches_rewrite(toys, make_toy):
 def test_float64_model_mhc_preserved_to_float64_precision(toys, make_toy):
     model, x, x2 = make_toy(toys.PreNormMLP)
     model = model.double()
-    new = hc_rewrite.rewrite(model, (x.double(),), variant="mhc", n=4)
+    new = hc_rewrite.rewrite(model, (x.double(),), variant="mhc", n=4, form="graph")
     assert all(p.dtype == torch.float64 for p in new.hc.parameters())
     with torch.no_grad():
         assert rel_err(model(x2.double()), new(x2.double())) <= 1e-12

@@ -75,12 +75,12 @@ def test_frac_width_checked_on_the_stream_without_config(toys, make_toy):
     model, x, _ = make_toy(toys.PreNormMLP, d=30)
     before = _state(model)
     with pytest.raises(SpecError, match=r"d=30 is not divisible by 4") as info:
-        hc_rewrite.rewrite(model, (x,), variant="frac", n=4)
+        hc_rewrite.rewrite(model, (x,), variant="frac", n=4, form="graph")
     assert "residual stream 0" in str(info.value)
     _assert_unchanged(model, before)
     # the same width is fine for n=3 (30 % 3 == 0) and for mhc with n=4
-    assert len(hc_rewrite.rewrite(model, (x,), variant="frac", n=3).hc_report.rewritten) == 3
-    assert len(hc_rewrite.rewrite(model, (x,), variant="mhc", n=4).hc_report.rewritten) == 3
+    assert len(hc_rewrite.rewrite(model, (x,), variant="frac", n=3, form="graph").hc_report.rewritten) == 3
+    assert len(hc_rewrite.rewrite(model, (x,), variant="mhc", n=4, form="graph").hc_report.rewritten) == 3
 
 
 @pytest.mark.parametrize("options,word", [
@@ -100,7 +100,7 @@ def test_unknown_options(options, word, toys, make_toy, no_capture):
 def test_bad_option_value(toys, make_toy, no_capture):
     model, x, _ = make_toy(toys.PreNormMLP)
     with pytest.raises(SpecError, match="sinkhorn_iters must be >= 1"):
-        hc_rewrite.rewrite(model, (x,), sinkhorn_iters=0)
+        hc_rewrite.rewrite(model, (x,), sinkhorn_iters=0, form="graph")
 
 
 class DataDependent(nn.Module):
@@ -124,7 +124,7 @@ def test_uncapturable_model():
     x = torch.randn(2, 8)
     before = _state(model)
     with pytest.raises(CaptureError) as info:
-        hc_rewrite.rewrite(model, (x,))
+        hc_rewrite.rewrite(model, (x,), form="graph")
     err = info.value
     assert isinstance(err, RuntimeError) and isinstance(err, HCRewriteError)
     msg = str(err)
@@ -134,7 +134,7 @@ def test_uncapturable_model():
     assert len(lines) == 2 and all(":" in ln for ln in lines)  # each with why it failed
     _assert_unchanged(model, before)
     with pytest.raises(CaptureError):
-        hc_rewrite.report(model, (x,))
+        hc_rewrite.report(model, (x,), form="graph")
 
 
 def test_capture_of_a_non_module():
@@ -147,14 +147,14 @@ def test_capture_of_a_non_module():
 @pytest.mark.parametrize("thing", [lambda x: x + x.sin(), "model"], ids=["function", "string"])
 def test_rewrite_of_a_non_module(thing):
     with pytest.raises(CaptureError, match="nn.Module"):
-        hc_rewrite.rewrite(thing, (torch.randn(2, 4),))
+        hc_rewrite.rewrite(thing, (torch.randn(2, 4),), form="graph")
 
 
 def test_no_residual_stream(toys, make_toy):
     model, x, _ = make_toy(toys.PlainMLP)
     before = _state(model)
     with pytest.raises(NoResidualStreamError) as info:
-        hc_rewrite.rewrite(model, (x,), variant="hc", n=2)
+        hc_rewrite.rewrite(model, (x,), variant="hc", n=2, form="graph")
     err = info.value
     assert isinstance(err, ValueError) and isinstance(err, HCRewriteError)
     assert "no residual stream" in str(err) and "PlainMLP" in str(err)
@@ -164,31 +164,31 @@ def test_no_residual_stream(toys, make_toy):
     assert (rep.model, rep.variant, rep.n) == ("PlainMLP", "hc", 2)
     _assert_unchanged(model, before)
     # report() describes the same thing instead of raising
-    rep2 = hc_rewrite.report(model, (x,), variant="hc", n=2)
+    rep2 = hc_rewrite.report(model, (x,), variant="hc", n=2, form="graph")
     assert rep2.to_dict() == rep.to_dict()
     assert "0 residual site(s)" in str(rep2)
 
 
 def test_only_non_residual_adds(toys, make_toy):
     model, x, _ = make_toy(toys.NotResidualNet)
-    rep = hc_rewrite.report(model, (x,))
+    rep = hc_rewrite.report(model, (x,), form="graph")
     assert rep.sites == [] and rep.streams == []
     with pytest.raises(NoResidualStreamError):
-        hc_rewrite.rewrite(model, (x,))
+        hc_rewrite.rewrite(model, (x,), form="graph")
 
 
 def test_every_site_refused_reports_why(toys, make_toy):
     model, x, _ = make_toy(toys.ScaledSkipNet)
     with pytest.raises(NoResidualStreamError) as info:
-        hc_rewrite.rewrite(model, (x,))
+        hc_rewrite.rewrite(model, (x,), form="graph")
     rep = info.value.report
     assert len(rep.sites) == 1 and rep.rewritten == [] and len(rep.refused) == 1
     assert "alpha=0.5" in rep.refused[0].reason
     assert "alpha=0.5" in str(info.value)  # the message carries the report
-    assert hc_rewrite.report(model, (x,)).refused[0].reason == rep.refused[0].reason
+    assert hc_rewrite.report(model, (x,), form="graph").refused[0].reason == rep.refused[0].reason
 
 
 def test_rewriting_a_rewritten_module_is_refused(rewritten, no_capture):
     r = rewritten("bert", "mhc", True)
     with pytest.raises(ValueError, match="already rewritten"):
-        hc_rewrite.rewrite(r.new, r.args, r.kwargs, variant="hc")
+        hc_rewrite.rewrite(r.new, r.args, r.kwargs, variant="hc", form="graph")

@@ -104,7 +104,7 @@ def test_load_into_freshly_rewritten_module(name, variant, fresh_rewritten, zoo_
 
     model = zoo_model(name)
     cap_args, cap_kwargs = inputs(name, seed=0)
-    other = hc_rewrite.rewrite(model, cap_args, cap_kwargs, variant=variant, n=4, dynamic=True, seed=7)
+    other = hc_rewrite.rewrite(model, cap_args, cap_kwargs, variant=variant, n=4, dynamic=True, seed=7, form="graph")
     other.eval()
     assert not torch.allclose(run(other, name), ref)  # a trained module differs from a fresh one
     buf.seek(0)
@@ -142,7 +142,7 @@ def test_train_eval_switch(name, variant, fresh_rewritten):
 def test_rewrite_of_a_training_model_is_in_training_mode(toys, make_toy):
     model, x, x2 = make_toy(toys.PreNormMLP, p=0.2)
     model.train()
-    new = hc_rewrite.rewrite(model, (x,), variant="hc", n=2)
+    new = hc_rewrite.rewrite(model, (x,), variant="hc", n=2, form="graph")
     assert new.training and model.training
     torch.manual_seed(0)
     assert not torch.allclose(new(x2), new(x2))
@@ -154,9 +154,9 @@ def test_rewrite_of_a_training_model_is_in_training_mode(toys, make_toy):
 
 def test_rewrites_are_deterministic(toys, make_toy):
     model, x, _ = make_toy(toys.PreNormMLP)
-    a = hc_rewrite.rewrite(model, (x,), variant="mhc", n=4).state_dict()
-    b = hc_rewrite.rewrite(model, (x,), variant="mhc", n=4).state_dict()
-    c = hc_rewrite.rewrite(model, (x,), variant="mhc", n=4, seed=1).state_dict()
+    a = hc_rewrite.rewrite(model, (x,), variant="mhc", n=4, form="graph").state_dict()
+    b = hc_rewrite.rewrite(model, (x,), variant="mhc", n=4, form="graph").state_dict()
+    c = hc_rewrite.rewrite(model, (x,), variant="mhc", n=4, seed=1, form="graph").state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["hc.s0_0.phi"], c["hc.s0_0.phi"])
 

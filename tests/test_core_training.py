@@ -90,7 +90,7 @@ def test_mhc_n2_b_res_learns_once_h_pre_moves():
 
     model = ZOO["gpt2"].build()
     args, kwargs = inputs("gpt2", 0, batch=2, seq=8)
-    new = hc_rewrite.rewrite(model, args, kwargs, variant="mhc", n=2, dynamic=False)
+    new = hc_rewrite.rewrite(model, args, kwargs, variant="mhc", n=2, dynamic=False, form="graph")
     opt = torch.optim.AdamW(new.parameters(), lr=3e-3)
     rel = []
     for _ in range(3):

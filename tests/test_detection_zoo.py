@@ -28,7 +28,7 @@ def test_zoo_model_rewritten_and_equivalent(name):
     model = entry.build()
     args, kwargs = entry.inputs()
     variant = VARIANTS[NAMES.index(name) % 3]  # every model once, the variants rotated
-    new = hc_rewrite.rewrite(model, args, kwargs, variant=variant, n=4)
+    new = hc_rewrite.rewrite(model, args, kwargs, variant=variant, n=4, form="graph")
     rep = new.hc_report
     assert rep.rewritten and not rep.refused, str(rep)
     a2, k2 = entry.inputs(generator=torch.Generator().manual_seed(123))
@@ -53,7 +53,7 @@ EXPECTED = {
 def test_streams_sites_and_kinds(name):
     entry = ZOO[name]
     args, kwargs = entry.inputs()
-    rep = hc_rewrite.report(entry.build(), args, kwargs, variant="hc", n=2)
+    rep = hc_rewrite.report(entry.build(), args, kwargs, variant="hc", n=2, form="graph")
     streams, sites, kinds = EXPECTED[name]
     assert len(rep.streams) == streams
     assert len(rep.rewritten) == sites
@@ -65,7 +65,7 @@ def test_streams_sites_and_kinds(name):
 def test_resnet_shape_changing_shortcut_ends_the_stream():
     entry = ZOO["resnet"]
     args, kwargs = entry.inputs()
-    rep = hc_rewrite.report(entry.build(), args, kwargs)
+    rep = hc_rewrite.report(entry.build(), args, kwargs, form="graph")
     # stage 0: two blocks in one stream; stage 1 opens with a strided 1x1-conv shortcut (not a residual
     # add), so its second block starts a new stream.
     modules = {s.module: s.stream for s in rep.sites}
@@ -79,7 +79,7 @@ def test_batch_norm_follows_train_and_eval(variant):
     entry = ZOO["resnet"]
     model = entry.build()
     args, kwargs = entry.inputs()
-    new = hc_rewrite.rewrite(model, args, kwargs, variant=variant, n=4)
+    new = hc_rewrite.rewrite(model, args, kwargs, variant=variant, n=4, form="graph")
     a2, k2 = entry.inputs(batch=4, generator=torch.Generator().manual_seed(5))
     model.train()
     new.train()
@@ -102,7 +102,7 @@ def test_output_hidden_states_read_the_reduced_stream(variant):
     model = entry.build()
     args, kwargs = entry.inputs()
     kwargs = dict(kwargs, output_hidden_states=True)
-    new = hc_rewrite.rewrite(model, args, kwargs, variant=variant, n=4)
+    new = hc_rewrite.rewrite(model, args, kwargs, variant=variant, n=4, form="graph")
     a2, k2 = entry.inputs(generator=torch.Generator().manual_seed(9))
     k2 = dict(k2, output_hidden_states=True)
     with torch.no_grad():
@@ -128,11 +128,11 @@ def test_refused_site_says_why_and_model_stays_equivalent():
 
     model = DenseLike().eval()
     x = torch.randn(2, 8)
-    rep = hc_rewrite.report(model, (x,))
+    rep = hc_rewrite.report(model, (x,), form="graph")
     assert len(rep.sites) == 2
     assert rep.sites[0].rewritten
     assert not rep.sites[1].rewritten and "dominate" in rep.sites[1].reason
-    new = hc_rewrite.rewrite(model, (x,))
+    new = hc_rewrite.rewrite(model, (x,), form="graph")
     with torch.no_grad():
         assert _rel(new(x), model(x)) <= 1e-5
 
@@ -159,7 +159,7 @@ class ParallelBlocks(torch.nn.Module):
 def test_parallel_blocks_written_left_to_right_make_one_site_per_layer(variant):
     model = ParallelBlocks().eval()
     x = torch.randn(2, 5, 16)
-    new = hc_rewrite.rewrite(model, (x,), variant=variant, n=4)
+    new = hc_rewrite.rewrite(model, (x,), variant=variant, n=4, form="graph")
     rep = new.hc_report
     assert len(rep.rewritten) == 3 and len(rep.streams) == 1
     assert {s.kind for s in rep.sites} == {"parallel"}

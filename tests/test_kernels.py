@@ -425,7 +425,7 @@ def _rewritten(variant, d=32, layers=1):
     import hc_rewrite
 
     x = torch.randn(2, 5, d, device=DEV)
-    gm = hc_rewrite.rewrite(_Net(d, layers).to(DEV), (x,), variant=variant, n=4)
+    gm = hc_rewrite.rewrite(_Net(d, layers).to(DEV), (x,), variant=variant, n=4, form="graph")
     with torch.no_grad():
         for p in gm.hc.parameters():
             p.add_(0.1 * torch.randn_like(p))

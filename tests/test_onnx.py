@@ -44,7 +44,7 @@ def test_onnx_matches_pytorch_at_other_shapes(name, variant, built, tmp_path):
     entry = ZOO[name]
     gen = torch.Generator().manual_seed(0)
     args, kwargs = entry.inputs(batch=EXPORT_BATCH, seq=EXPORT_SEQ, generator=gen)
-    model = hc_rewrite.rewrite(built(name), args, kwargs, variant=variant, n=4)
+    model = hc_rewrite.rewrite(built(name), args, kwargs, variant=variant, n=4, form="graph")
     path = export_onnx(model, args, tmp_path / f"{name}_{variant}.onnx", example_kwargs=kwargs)
 
     proto = onnx.load(str(path))
@@ -70,7 +70,7 @@ def test_input_and_output_names_and_dynamic_axes(built, tmp_path):
     entry = ZOO["bert"]
     args, kwargs = entry.inputs(batch=EXPORT_BATCH, seq=EXPORT_SEQ, generator=torch.Generator().manual_seed(1))
     kwargs["attention_mask"] = torch.ones_like(kwargs["input_ids"])
-    model = hc_rewrite.rewrite(built("bert"), args, kwargs, variant="frac", n=2, dynamic=False)
+    model = hc_rewrite.rewrite(built("bert"), args, kwargs, variant="frac", n=2, dynamic=False, form="graph")
     path = export_onnx(model, args, tmp_path / "bert.onnx", example_kwargs=kwargs, verify=True)
     graph = onnx.load(str(path)).graph
     assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
@@ -95,7 +95,7 @@ def test_static_export_positional_toy(tmp_path):
     torch.manual_seed(0)
     net = nn.Sequential(Block(16), Block(16)).eval()
     x = torch.randn(2, 5, 16)
-    model = hc_rewrite.rewrite(net, (x,), variant="mhc", n=2)
+    model = hc_rewrite.rewrite(net, (x,), variant="mhc", n=2, form="graph")
     path = export_onnx(model, (x,), tmp_path / "toy.onnx", dynamic_batch=False, dynamic_seq=False)
     graph = onnx.load(str(path)).graph
     assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] == [2, 5, 16]

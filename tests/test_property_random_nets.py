@@ -100,7 +100,7 @@ def test_random_residual_net_is_rewritten_and_equivalent_or_refused(blocks, wide
     model = RandomNet(blocks, d, widen_at, sorted(extra)).eval()
     x = torch.randn(2, 5, 6)
     try:
-        new = hc_rewrite.rewrite(model, (x,), variant=variant, n=2 if variant != "frac" else 4, dynamic=dynamic)
+        new = hc_rewrite.rewrite(model, (x,), variant=variant, n=2 if variant != "frac" else 4, dynamic=dynamic, form="graph")
     except NoResidualStreamError as e:
         assert e.report is not None
         assert all(s.reason for s in e.report.sites)  # every candidate refused says why

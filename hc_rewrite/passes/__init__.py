@@ -5,6 +5,7 @@ from .restore_batch_norm_modules import restore_batch_norm_modules
 from .find_residual_sites import find_residual_sites
 from .group_residual_streams import group_residual_streams
 from .insert_hyper_connections import insert_hyper_connections
+from .place_sites_on_modules import place_sites_on_modules
 from .lower_stream_ops import lower_stream_ops
 
 __all__ = [
@@ -14,5 +15,6 @@ __all__ = [
     "find_residual_sites",
     "group_residual_streams",
     "insert_hyper_connections",
+    "place_sites_on_modules",
     "lower_stream_ops",
 ]

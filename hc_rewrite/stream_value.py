@@ -1,0 +1,373 @@
+"""The residual stream of a structure-preserving rewrite, as it runs through the user's own code.
+
+The user's Python code keeps running unchanged. The value it holds where the original holds the residual
+stream is a :class:`StreamValue`: a ``torch.Tensor`` subclass with the original's shape whose data is the
+*reduced* stream (mean of the ``n`` copies for mHC / HC; for Frac the fractions concatenated, which is the
+whole stream). The widened stream ``W [..., n, C]`` rides along as an attribute. So every reader the rewrite
+does not know about (a final norm, ``output_hidden_states``, a loss, a shape test) sees exactly what the
+flat graph form gives such readers, and any Python control flow behaves as in the original.
+
+Three things change what a :class:`StreamValue` does (everything else unwraps to a plain tensor):
+
+* a site's **entry hook** (:class:`EntryHook`, a forward pre-hook on the branch's first submodule) gives the
+  branch ``pre(W)`` instead of the stream and leaves the site's coefficients on the stream value;
+* the **site add** ``x + y`` (any spelling, in place too) of a stream value that carries pending
+  coefficients becomes ``W' = post(W, y)``; the result is a new stream value;
+* **stream-wise links** (dropout, LayerNorm over the features, ReLU, casts, clones, views that keep the
+  feature dim) are applied to ``W`` with the lifted ops of :mod:`hc_rewrite.ops.reference`.
+
+The math is that of :mod:`hc_rewrite.ops` (called as ``torch.ops.hc_rewrite.*`` so that the
+``hc_rewrite`` compile backend can lower it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+
+from .errors import HCRewriteError
+from .ops.library import ops
+
+_plain = torch._C.DisableTorchFunctionSubclass
+
+
+class StreamError(HCRewriteError, RuntimeError):
+    """The rewritten model was run in a way its residual streams cannot follow (named in the message)."""
+
+
+@dataclass
+class StreamInfo:
+    """What every site of one stream shares."""
+
+    id: int
+    width: int
+    feature_dim: int  # -1 channels last, 1 channels first
+    variant: str
+    n: int
+    spread: float
+    sinkhorn_iters: int
+
+
+@dataclass
+class _Pending:
+    """Coefficients an entry hook computed, waiting for the site's add."""
+
+    hook: "EntryHook"
+    w: torch.Tensor
+    h_post: torch.Tensor
+    h_res: torch.Tensor | None
+    branch_in: torch.Tensor
+    extra: int  # further branches still to be added (parallel blocks written (x + a) + b)
+
+
+class StreamValue(torch.Tensor):
+    """See the module docstring. Attributes: ``_hc_info`` (:class:`StreamInfo`), ``_hc_w`` (the widened
+    stream, ``None`` for Frac), ``_hc_index`` (the last site applied), ``_hc_pending``."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = _HANDLERS.get(func)
+        if handler is not None:
+            out = handler(func, args, kwargs)
+            if out is not NotImplemented:
+                return out
+        with _plain():
+            if args and _bound(args[0]):
+                _LAST_DROP[0] = getattr(func, "__name__", str(func))
+            if func in _INPLACE_OTHER and args and _bound(args[0]):
+                raise StreamError(
+                    f"in-place {getattr(func, '__name__', func)} on a residual stream value: the rewrite "
+                    "cannot carry it to the widened stream")
+            return func(*args, **kwargs)
+
+
+def _bound(x) -> bool:
+    return isinstance(x, StreamValue) and getattr(x, "_hc_info", None) is not None
+
+
+def _wrap(narrow: torch.Tensor, info: StreamInfo, w, index: int) -> StreamValue:
+    with _plain():
+        out = narrow.as_subclass(StreamValue)
+    out._hc_info, out._hc_w, out._hc_index, out._hc_pending = info, w, index, None
+    return out
+
+
+def _mark(x: torch.Tensor, info: StreamInfo, w, index: int) -> StreamValue:
+    """Turn the object ``x`` itself into a stream value (the user's code holds it: an alias would not do)."""
+    if not isinstance(x, StreamValue):
+        x.__class__ = StreamValue
+    x._hc_info, x._hc_w, x._hc_index, x._hc_pending = info, w, index, None
+    return x
+
+
+# ----------------------------------------------------------------------------- layout helpers
+def _to_last(t: torch.Tensor, info: StreamInfo) -> torch.Tensor:
+    return t.movedim(1, -1) if info.feature_dim == 1 else t
+
+
+def _from_last(t: torch.Tensor, info: StreamInfo) -> torch.Tensor:
+    return t.movedim(-1, 1) if info.feature_dim == 1 else t
+
+
+def _widen(x: torch.Tensor, info: StreamInfo) -> torch.Tensor:
+    x = _to_last(x, info)
+    if info.variant == "frac":
+        return ops.split_fractions(x, info.n)
+    return ops.expand_stream(x, info.n, info.spread)
+
+
+def _narrow(w: torch.Tensor, info: StreamInfo) -> torch.Tensor:
+    end = ops.merge_fractions(w) if info.variant == "frac" else ops.reduce_stream(w)
+    return _from_last(end, info)
+
+
+def _wide_of(x: StreamValue) -> torch.Tensor:
+    """The widened stream of a bound value (Frac: the fractions of the value itself)."""
+    if x._hc_info.variant == "frac":
+        with _plain():
+            return ops.split_fractions(_to_last(x, x._hc_info), x._hc_info.n)
+    return x._hc_w
+
+
+# ----------------------------------------------------------------------------- entry (pre)
+class EntryHook:
+    """Forward pre-hook of a site's branch entry module: the branch reads ``pre(W)`` instead of the stream."""
+
+    def __init__(self, info: StreamInfo, index: int, name: str, params: torch.nn.Module, extra: int):
+        self.info, self.index, self.name, self.params, self.extra = info, index, name, params, extra
+        self.last_error = None
+
+    def _describe(self) -> str:
+        return f"site {self.name} (stream {self.info.id}, position {self.index})"
+
+    def _find(self, leaves):
+        ours = [i for i, v in enumerate(leaves) if _bound(v) and v._hc_info.id == self.info.id]
+        if ours:
+            return ours[0]
+        if self.index != 0:
+            raise StreamError(
+                f"{self._describe()}: its input is not the residual stream it was rewritten for. The stream was "
+                f"lost on the way from the previous site (last op that dropped it: {_LAST_DROP[0]}). Causes: "
+                "reentrant activation checkpointing (use use_reentrant=False), code that detaches or copies the "
+                "stream, or an op on the stream the rewrite does not carry")
+        width = self.info.width
+        fdim = self.info.feature_dim
+        cands = [i for i, v in enumerate(leaves)
+                 if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() >= 2
+                 and v.shape[fdim] == width and not _bound(v)]
+        if len(cands) != 1:
+            raise StreamError(
+                f"{self._describe()}: cannot tell which input of its entry module is the residual stream "
+                f"({len(cands)} candidates of width {width})")
+        return cands[0]
+
+    def __call__(self, module, args, kwargs):
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        i = self._find(leaves)
+        x = leaves[i]
+        pending = getattr(x, "_hc_pending", None) if isinstance(x, StreamValue) else None
+        if pending is not None and pending.hook is self:  # a second entry module of the same site
+            leaves[i] = pending.branch_in
+            return pytree.tree_unflatten(leaves, spec)
+        if _bound(x) and x._hc_index >= self.index:
+            raise StreamError(f"{self._describe()}: reached a stream value that already passed position "
+                              f"{x._hc_index} of its stream; the model's control flow differs from the captured one")
+        if torch.is_grad_enabled() is False and x.requires_grad and module.training:
+            raise StreamError(f"{self._describe()}: run under no_grad with an input that requires grad inside "
+                              "training: reentrant activation checkpointing cannot carry the widened stream; "
+                              "use use_reentrant=False")
+        info = self.info
+        with _plain():
+            w = _wide_of(x) if _bound(x) else _widen(x, info)
+            if not _bound(x):
+                _mark(x, info, None if info.variant == "frac" else w, -1)
+            p = self.params
+            coeff_args = [getattr(p, name) for name in p.coeff_inputs()]
+            if info.variant == "mhc":
+                h_pre, h_post, h_res = ops.mhc_coeffs(w, *coeff_args, 1e-6, info.sinkhorn_iters)
+                if p.b_res is None:
+                    h_res = None
+                branch_in = ops.stream_pre(w, h_pre)
+            elif info.variant == "hc":
+                h_pre, h_post, h_res = ops.hc_coeffs(w, *coeff_args)
+                branch_in = ops.stream_pre(w, h_pre)
+            else:
+                h_pre, h_post, h_res = ops.frac_coeffs(w, *coeff_args)
+                branch_in = ops.frac_pre(w, h_pre)
+            branch_in = _from_last(branch_in, info).to(x.dtype)
+        x._hc_pending = _Pending(self, w, h_post, h_res, branch_in, self.extra)
+        if TRACE.on:
+            TRACE.fired.append(self.name)
+        leaves[i] = branch_in
+        return pytree.tree_unflatten(leaves, spec)
+
+
+# ----------------------------------------------------------------------------- the site add (post)
+def _post(pending: _Pending, y: torch.Tensor, x: StreamValue, first: bool) -> StreamValue:
+    info = pending.hook.info
+    with _plain():
+        yl = _to_last(y, info).to(pending.w.dtype)
+        h_res = pending.h_res if first else None
+        w_new = ops.stream_post(pending.w, yl, pending.h_post, h_res)
+        narrow = _narrow(w_new, info).to(torch.promote_types(x.dtype, y.dtype))
+    out = _wrap(narrow, info, None if info.variant == "frac" else w_new, pending.hook.index)
+    if pending.extra > 0:
+        out._hc_pending = _Pending(pending.hook, w_new, pending.h_post, None, pending.branch_in, pending.extra - 1)
+        out._hc_pending.continued = True
+    if first and TRACE.on:
+        TRACE.added.append(pending.hook.name)
+    return out
+
+
+def _add(func, args, kwargs):
+    if len(args) < 2:
+        return NotImplemented
+    a, b = args[0], args[1]
+    alpha = kwargs.get("alpha", 1)
+    for x, y, x_first in ((a, b, True), (b, a, False)):
+        pending = getattr(x, "_hc_pending", None) if isinstance(x, StreamValue) else None
+        if pending is None or not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(x.shape):
+            continue
+        if alpha != 1 and not x_first:
+            return NotImplemented  # branch + alpha * skip: not a residual add (refused at analysis)
+        if alpha != 1:
+            with _plain():
+                y = y * alpha
+        first = not getattr(pending, "continued", False)
+        x._hc_pending = None
+        out = _post(pending, y, x, first)
+        if func in _INPLACE_ADD:  # a.add_(b) / a += b: the object the user code holds becomes the result
+            target = a
+            with _plain():
+                target.copy_(out)
+            return _mark(target, out._hc_info, out._hc_w, out._hc_index) if not out._hc_pending else _keep(target, out)
+        return out
+    return NotImplemented
+
+
+def _keep(target, out):
+    _mark(target, out._hc_info, out._hc_w, out._hc_index)
+    target._hc_pending = out._hc_pending
+    return target
+
+
+# ----------------------------------------------------------------------------- stream-wise links
+_LAST_DROP = ["none"]
+
+
+def _link(func, args, kwargs, wide_fn, narrow_fn=None):
+    x = args[0] if args else None
+    if not _bound(x) or x._hc_pending is not None:
+        return NotImplemented
+    info = x._hc_info
+    with _plain():
+        narrow = func(*args, **kwargs) if narrow_fn is None else narrow_fn()
+        if info.variant == "frac":
+            w_new = None
+        else:
+            w_new = wide_fn(x._hc_w, narrow)
+            if w_new is NotImplemented:
+                return NotImplemented
+            if narrow_fn is not None:
+                narrow = _narrow(w_new, info)
+    return _wrap(narrow, info, w_new, x._hc_index)
+
+
+def _dropout(func, args, kwargs):
+    x = args[0] if args else None
+    if not _bound(x):
+        return NotImplemented
+    p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+    training = kwargs.get("training", kwargs.get("train", args[2] if len(args) > 2 else True))
+    if kwargs.get("inplace", args[3] if len(args) > 3 else False):
+        raise StreamError("in-place dropout on a residual stream value is not supported")
+    if not training or p == 0:
+        return x
+    if x._hc_info.variant == "frac":
+        return _link(func, args, kwargs, None)
+    return _link(func, args, kwargs, lambda w, _n: F.dropout(w, p, True), narrow_fn=lambda: None)
+
+
+def _layer_norm(func, args, kwargs):
+    x = args[0] if args else None
+    if not _bound(x):
+        return NotImplemented
+    info = x._hc_info
+    shape = kwargs.get("normalized_shape", args[1] if len(args) > 1 else None)
+    if info.feature_dim != -1 or list(shape) != [info.width]:
+        return NotImplemented
+    weight = kwargs.get("weight", args[2] if len(args) > 2 else None)
+    bias = kwargs.get("bias", args[3] if len(args) > 3 else None)
+    eps = kwargs.get("eps", args[4] if len(args) > 4 else 1e-5)
+    return _link(func, args, kwargs, lambda w, _n: ops.stream_layer_norm(w, weight, bias, float(eps), False))
+
+
+def _relu(func, args, kwargs):
+    if kwargs.get("inplace", False) or (len(args) > 1 and args[1] is True):
+        args, kwargs = args[:1], {}
+        func = torch.relu
+    return _link(func, args, kwargs, lambda w, _n: ops.stream_relu(w, False))
+
+
+def _cast(func, args, kwargs):
+    return _link(func, args, kwargs, lambda w, n: w.to(n.dtype) if n.dtype != w.dtype else w)
+
+
+def _same(func, args, kwargs):
+    return _link(func, args, kwargs, lambda w, _n: w)
+
+
+def _view(func, args, kwargs):
+    x = args[0] if args else None
+    if not _bound(x) or x._hc_info.feature_dim != -1:
+        return NotImplemented
+    n_ = x._hc_info
+    def wide(w, narrow):
+        if narrow.dim() < 1 or narrow.shape[-1] != n_.width:
+            return NotImplemented
+        return w.reshape(*narrow.shape[:-1], *w.shape[-2:])
+    return _link(func, args, kwargs, wide)
+
+
+_ADD_FUNCS = [torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__]
+_INPLACE_ADD = {torch.Tensor.add_, torch.Tensor.__iadd__}
+_INPLACE_OTHER = {
+    torch.Tensor.mul_, torch.Tensor.__imul__, torch.Tensor.sub_, torch.Tensor.__isub__, torch.Tensor.div_,
+    torch.Tensor.__itruediv__, torch.Tensor.copy_, torch.Tensor.clamp_, torch.Tensor.masked_fill_,
+    torch.Tensor.zero_, torch.Tensor.fill_,
+}
+_HANDLERS = {f: _add for f in [*_ADD_FUNCS, *_INPLACE_ADD]}
+_HANDLERS.update({f: _dropout for f in (F.dropout, torch.dropout, torch.Tensor.dropout if hasattr(torch.Tensor, "dropout") else F.dropout)})
+_HANDLERS.update({f: _layer_norm for f in (F.layer_norm, torch.layer_norm)})
+_HANDLERS.update({f: _relu for f in (F.relu, torch.relu, torch.Tensor.relu, torch.Tensor.relu_, torch.relu_)})
+_HANDLERS.update({f: _cast for f in (torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16,
+                                     torch.Tensor.double, torch.Tensor.type_as)})
+_HANDLERS.update({f: _same for f in (torch.Tensor.contiguous, torch.Tensor.clone)})
+_HANDLERS.update({f: _view for f in (torch.Tensor.view, torch.Tensor.reshape, torch.reshape)})
+
+class _Trace:
+    """While ``on`` (the rewrite's check run only): names of the sites whose entry fired / whose add was rewritten."""
+
+    def __init__(self):
+        self.on, self.fired, self.added = False, [], []
+
+    def __enter__(self):
+        self.on, self.fired, self.added = True, [], []
+        return self
+
+    def __exit__(self, *exc):
+        self.on = False
+
+
+TRACE = _Trace()
+
+
+def plain_outputs(module, args, kwargs, out):
+    """Forward hook of the rewritten root: hand the caller plain tensors (stream values unwrapped)."""
+    def unwrap(t):
+        with _plain():
+            return t.as_subclass(torch.Tensor)
+    return pytree.tree_map_only(StreamValue, unwrap, out)

@@ -1,0 +1,189 @@
+"""The structure-preserving rewrite: the user's model, with its residual streams widened.
+
+:func:`build_plan` turns the graph analysis (streams, sites, their placement on modules) into a
+:class:`Plan`, plain data that is saved with the model. :func:`attach` applies a plan to a model: it adds
+the connection parameters under ``model.hc`` (``hc.s<stream>_<position>``, the names of the graph form)
+and registers one forward pre-hook per branch entry (:class:`~hc_rewrite.stream_value.EntryHook`) plus a
+forward hook on the root that hands back plain tensors. Nothing else changes: the class, every submodule,
+every ``forward`` and the user's Python code stay as they are. See docs/design.md, "Structure-preserving
+form".
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .connections import expand_spread, make_site
+from .spec import HCSpec
+from .stream_value import EntryHook, StreamInfo, plain_outputs
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class PlannedSite:
+    name: str  # the add node's name in the captured graph (what the report calls the site)
+    index: int
+    entries: list
+    owner: str
+    extra: int = 0  # further branches summed after the first add (parallel blocks (x + a) + b)
+    last: bool = False
+
+
+@dataclass
+class PlannedStream:
+    id: int
+    width: int
+    feature_dim: int
+    sites: list = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    """Everything needed to rebuild a rewritten model from its original, without capturing it again."""
+
+    variant: str
+    n: int
+    dynamic: bool
+    sinkhorn_iters: int
+    seed: int
+    streams: list = field(default_factory=list)
+    version: int = PLAN_VERSION
+
+    @property
+    def spec(self) -> HCSpec:
+        return HCSpec(variant=self.variant, n=self.n, dynamic=self.dynamic,
+                      sinkhorn_iters=self.sinkhorn_iters, seed=self.seed)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        d = dict(d)
+        if d.get("version") != PLAN_VERSION:
+            raise ValueError(f"hc_rewrite plan version {d.get('version')} is not supported (expected {PLAN_VERSION})")
+        streams = []
+        for s in d.pop("streams"):
+            s = dict(s)
+            sites = [PlannedSite(**x) for x in s.pop("sites")]
+            streams.append(PlannedStream(sites=sites, **s))
+        return cls(streams=streams, **d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+
+def build_plan(spec: HCSpec, streams, placements) -> Plan:
+    """The plan of the placed sites of ``streams`` (sites without a placement are left out)."""
+    where = {p.site: p for p in placements}
+    plan = Plan(spec.variant, spec.n, spec.dynamic, spec.sinkhorn_iters, spec.seed)
+    for stream in streams:
+        ps = PlannedStream(id=stream.id, width=stream.width, feature_dim=stream.feature_dim)
+        for site in stream.sites:
+            p = where[site]
+            ps.sites.append(PlannedSite(name=site.name, index=site.index, entries=list(p.entries), owner=p.owner,
+                                        extra=len(site.extra_branches), last=not stream.successors.get(site)))
+        plan.streams.append(ps)
+    return plan
+
+
+def _dtype_device(model: nn.Module):
+    for p in model.parameters():
+        return p.dtype, p.device
+    return torch.float32, torch.device("cpu")
+
+
+def attach(model: nn.Module, plan: Plan) -> nn.Module:
+    """Apply ``plan`` to ``model`` in place (call it on a copy) and return it (see module docstring)."""
+    if isinstance(getattr(model, "hc", None), nn.Module):
+        raise ValueError("this model already has an 'hc' submodule: was it rewritten already?")
+    spec = plan.spec
+    dtype, device = _dtype_device(model)
+    generator = torch.Generator().manual_seed(plan.seed)
+    holder = nn.Module()
+    handles = []
+    for stream in plan.streams:
+        info = StreamInfo(id=stream.id, width=stream.width, feature_dim=stream.feature_dim, variant=spec.variant,
+                          n=spec.n, spread=expand_spread(spec), sinkhorn_iters=spec.sinkhorn_iters)
+        for site in sorted(stream.sites, key=lambda s: s.index):
+            name = f"s{stream.id}_{site.index}"
+            params = make_site(spec, stream.width, site.index, site.last, generator, dtype=dtype, device=device)
+            holder.add_module(name, params)
+            hook = EntryHook(info, site.index, site.name, params, site.extra)
+            for path in site.entries:
+                handles.append(model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
+    model.add_module("hc", holder)
+    handles.append(model.register_forward_hook(plain_outputs, with_kwargs=True))
+    model.hc_plan = plan
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        config.hc_rewrite = plan.to_dict()  # saved by save_pretrained: from_pretrained rebuilds from it
+    return model
+
+
+def from_pretrained(path, model_class=None, **kwargs) -> nn.Module:
+    """Load a rewritten ``transformers`` model saved with ``save_pretrained``: the original class is built
+    from the checkpoint, the saved plan is attached again and the connection weights are loaded.
+
+    ``model_class``: the class to load (default: ``config.architectures[0]`` from ``transformers``).
+    """
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    plan_dict = getattr(config, "hc_rewrite", None)
+    if not plan_dict:
+        raise ValueError(f"{path} holds no hc_rewrite plan (config.hc_rewrite): was it saved from a rewritten model?")
+    if model_class is None:
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        model_class = getattr(transformers, arch, None) if arch else None
+        if model_class is None:
+            raise ValueError(f"cannot tell the model class of {path} (config.architectures={arch!r}); pass model_class")
+    del config.hc_rewrite
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the hc.* weights are "unexpected" to the plain class
+    try:
+        model = model_class.from_pretrained(path, config=config, **kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    attach(model, Plan.from_dict(plan_dict))
+    load_hc_weights(model, path)
+    return model
+
+
+def load_hc_weights(model: nn.Module, path) -> None:
+    """Load the ``hc.*`` tensors of a saved checkpoint folder into ``model``."""
+    import os
+
+    from safetensors import safe_open
+
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    state = {}
+    for f in files:
+        with safe_open(os.path.join(path, f), framework="pt") as fh:
+            for k in fh.keys():
+                if k.startswith("hc."):
+                    state[k] = fh.get_tensor(k)
+    own = {k for k in model.state_dict() if k.startswith("hc.")}
+    missing = own - set(state)
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks connection weights {sorted(missing)[:4]}...")
+    model.load_state_dict(state, strict=False)
+
+
+def rebuild(model: nn.Module, plan, state_dict=None) -> nn.Module:
+    """The plain ``nn.Module`` path: a copy of the original ``model`` with ``plan`` (a :class:`Plan`, its dict or
+    JSON, e.g. ``new.hc_plan.to_json()``) attached and, if given, ``state_dict`` (``new.state_dict()``) loaded."""
+    import copy
+
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    if isinstance(plan, dict):
+        plan = Plan.from_dict(plan)
+    new = attach(copy.deepcopy(model), plan)
+    if state_dict is not None:
+        new.load_state_dict(state_dict)
+    return new
