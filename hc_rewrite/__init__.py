@@ -5,7 +5,8 @@
 >>> print(new_model.hc_report)                                                 # doctest: +SKIP
 """
 from .api import report, rewrite
-from .errors import CaptureError, HCRewriteError, NoResidualStreamError, SpecError
+from .structured import Plan, from_pretrained, rebuild
+from .errors import CaptureError, HCRewriteError, NoResidualStreamError, SpecError, StructureError
 from .ops import ops, reference
 from .report import RewriteReport
 from .spec import HCSpec
@@ -14,5 +15,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "rewrite", "report", "RewriteReport", "HCSpec", "HCRewriteError", "SpecError", "CaptureError",
-    "NoResidualStreamError", "ops", "reference", "__version__",
+    "NoResidualStreamError", "StructureError", "ops", "reference", "__version__", "from_pretrained", "rebuild",
+    "Plan",
 ]

@@ -67,6 +67,7 @@ class StreamValue(torch.Tensor):
     stream, ``None`` for Frac), ``_hc_index`` (the last site applied), ``_hc_pending``."""
 
     @classmethod
+    @torch._dynamo.disable
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         handler = _HANDLERS.get(func)
@@ -164,6 +165,7 @@ class EntryHook:
                 f"({len(cands)} candidates of width {width})")
         return cands[0]
 
+    @torch._dynamo.disable
     def __call__(self, module, args, kwargs):
         leaves, spec = pytree.tree_flatten((args, kwargs))
         i = self._find(leaves)
@@ -365,6 +367,7 @@ class _Trace:
 TRACE = _Trace()
 
 
+@torch._dynamo.disable
 def plain_outputs(module, args, kwargs, out):
     """Forward hook of the rewritten root: hand the caller plain tensors (stream values unwrapped)."""
     def unwrap(t):

@@ -21,6 +21,8 @@ from .spec import HCSpec
 from .stream_value import EntryHook, StreamInfo, plain_outputs
 
 PLAN_VERSION = 1
+#: How many models :func:`attach` has made in this process (the compile backend relaxes a check once any exist).
+ATTACHED: list = []
 
 
 @dataclass
@@ -119,6 +121,7 @@ def attach(model: nn.Module, plan: Plan) -> nn.Module:
     model.add_module("hc", holder)
     handles.append(model.register_forward_hook(plain_outputs, with_kwargs=True))
     model.hc_plan = plan
+    ATTACHED.append(True) if not ATTACHED else None
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         config.hc_rewrite = plan.to_dict()  # saved by save_pretrained: from_pretrained rebuilds from it

@@ -1,0 +1,348 @@
+"""The structure-preserving rewrite (the default ``form="module"``): the rewritten model is the user's model.
+
+One test (or a few) per numbered point of the acceptance list: class and module tree, every input at any
+shape, Python control flow and dropout, generate, save / load, and module-level tools (hooks, PEFT,
+activation checkpointing, torch.compile). Distributed training is in tests/test_distributed.py.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hc_rewrite
+from hc_rewrite.stream_value import StreamError
+from hc_rewrite.zoo import ZOO
+
+from .helpers import rel_err, snapshot
+
+TOL = 1e-5
+
+
+def _ids(model, batch, seq, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """A HF Llama and its mHC rewrite, captured at batch 1 (so nothing may specialise the batch dim)."""
+    model = ZOO["llama"].build().eval()
+    before = snapshot(model)
+    new = hc_rewrite.rewrite(model, (_ids(model, 1, 6),), variant="mhc", n=4)
+    return model, new, before
+
+
+def _moved(new, seed=0):
+    """A copy of ``new`` whose connection parameters have moved off their init (so equality is not luck)."""
+    moved = copy.deepcopy(new)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in moved.hc.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return moved
+
+
+# ----------------------------------------------------------------------------- 1. class and module tree
+def test_class_and_module_tree_are_the_users(llama):
+    model, new, before = llama
+    assert type(new) is type(model)
+    assert type(new.model.layers) is nn.ModuleList
+    assert type(new.model.layers[0].self_attn.q_proj) is nn.Linear
+    orig_names = {n for n, _ in model.named_modules()}
+    new_names = {n for n, _ in new.named_modules()}
+    assert orig_names <= new_names
+    assert all(n == "hc" or n.startswith("hc.") for n in new_names - orig_names)
+    assert new.config.vocab_size == model.config.vocab_size
+    assert new.get_input_embeddings() is new.model.embed_tokens
+    assert callable(new.generate) and callable(new.save_pretrained)
+    # every original parameter keeps its name; the new ones live under hc.
+    keys = set(new.state_dict())
+    assert set(model.state_dict()) <= keys
+    assert all(k.startswith("hc.") for k in keys - set(model.state_dict()))
+    # the caller's model is untouched: same weights, no hooks added
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def test_forward_hooks_on_original_submodules_fire_and_act(llama):
+    model, new, _ = llama
+    new = copy.deepcopy(new)
+    ids = _ids(model, 2, 7, seed=1)
+    calls = []
+    target = new.model.layers[1].mlp.down_proj
+    h = target.register_forward_hook(lambda m, a, out: calls.append(out.shape))
+    with torch.no_grad():
+        base = new(ids).logits
+    assert calls == [torch.Size([2, 7, model.config.hidden_size])]
+    h.remove()
+    target.register_forward_hook(lambda m, a, out: out * 0)  # the module really computes the branch
+    with torch.no_grad():
+        zeroed = new(ids).logits
+    assert rel_err(base, zeroed) > 1e-3
+
+
+# ----------------------------------------------------------------------------- 2. every input, any shape
+@pytest.mark.parametrize("batch,seq", [(1, 5), (3, 9), (4, 16)])
+def test_any_batch_and_length_after_capture_at_batch_one(llama, batch, seq):
+    model, new, _ = llama
+    ids = _ids(model, batch, seq, seed=batch)
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, new(ids).logits) <= TOL
+
+
+def test_padding_mask_labels_hidden_states_and_return_dict(llama):
+    model, new, _ = llama
+    ids = _ids(model, 3, 10, seed=2)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    labels = ids.clone()
+    labels[:, :3] = -100
+    with torch.no_grad():
+        a = model(ids, attention_mask=mask, labels=labels, output_hidden_states=True)
+        b = new(ids, attention_mask=mask, labels=labels, output_hidden_states=True)
+        t = new(ids, attention_mask=mask, return_dict=False)
+    assert rel_err(a.logits, b.logits) <= TOL
+    assert abs(a.loss.item() - b.loss.item()) <= TOL * abs(a.loss.item())
+    assert len(a.hidden_states) == len(b.hidden_states)
+    for ha, hb in zip(a.hidden_states, b.hidden_states):  # the reduced stream: the original's value at init
+        assert type(hb) is torch.Tensor and rel_err(ha, hb) <= TOL
+    assert isinstance(t, tuple) and rel_err(a.logits, t[0]) <= TOL
+
+
+def test_kv_cache_step_matches_the_original(llama):
+    model, new, _ = llama
+    ids = _ids(model, 2, 8, seed=3)
+    with torch.no_grad():
+        pa = model(ids[:, :6], use_cache=True)
+        pb = new(ids[:, :6], use_cache=True)
+        a = model(ids[:, 6:], past_key_values=pa.past_key_values, use_cache=True).logits
+        b = new(ids[:, 6:], past_key_values=pb.past_key_values, use_cache=True).logits
+    assert rel_err(a, b) <= TOL
+
+
+# fp64: the connection parameters were initialised in fp32 (the model was), so ~1e-8 of init rounding stays
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.bfloat16, 5e-2)])
+def test_to_dtype_after_the_rewrite(llama, dtype, tol):
+    model, new, _ = llama
+    m2, n2 = copy.deepcopy(model).to(dtype), copy.deepcopy(new).to(dtype)
+    assert all(p.dtype == dtype for p in n2.hc.parameters())
+    ids = _ids(model, 2, 9, seed=4)
+    with torch.no_grad():
+        a, b = m2(ids).logits, n2(ids).logits
+    assert b.dtype == dtype and rel_err(a, b) <= tol
+
+
+# ----------------------------------------------------------------------------- 3. never silently different
+class ShapeBranchNet(nn.Module):
+    """Python control flow on a shape, on ``self.training``, and functional dropout in the branch."""
+
+    def __init__(self, d=16, p=0.3):
+        super().__init__()
+        self.inp = nn.Linear(8, d)
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(3))
+        self.fcs = nn.ModuleList(nn.Linear(d, d) for _ in range(3))
+        self.p = p
+
+    def forward(self, x):
+        h = self.inp(x)
+        for norm, fc in zip(self.norms, self.fcs):
+            y = fc(norm(h))
+            if x.shape[0] > 2:  # the capture at batch 2 takes the other branch
+                y = y * 2.0
+            if self.training:
+                y = F.dropout(y, self.p, True)
+            h = h + y
+        return h
+
+
+def test_shape_branch_taken_as_in_the_original():
+    model = ShapeBranchNet().eval()
+    x2 = torch.randn(2, 5, 8)
+    new = hc_rewrite.rewrite(model, (x2,), variant="mhc")
+    x5 = torch.randn(5, 5, 8)
+    with torch.no_grad():
+        assert rel_err(model(x5), new(x5)) <= TOL
+        assert rel_err(model(x2), new(x2)) <= TOL
+
+
+def test_functional_dropout_and_training_branches_follow_the_mode():
+    model = ShapeBranchNet()
+    x = torch.randn(3, 5, 8)
+    new = hc_rewrite.rewrite(model.eval(), (x,), variant="hc")
+    model.train(), new.train()
+    torch.manual_seed(7)
+    a = model(x)
+    torch.manual_seed(7)
+    b = new(x)
+    assert rel_err(a, b) <= TOL  # same RNG draws: the same dropout masks as the original
+    new.eval()
+    with torch.no_grad():
+        assert rel_err(b, new(x)) > 1e-2  # and dropout really is active in train mode only
+
+
+def test_hf_attention_and_residual_dropout_in_train_mode():
+    model = ZOO["gpt2"].build()
+    model.config.resid_pdrop = model.config.attn_pdrop = model.config.embd_pdrop = 0.2
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.2
+    ids = _ids(model, 2, 8)
+    new = hc_rewrite.rewrite(model.eval(), (ids,), variant="mhc")
+    model.train(), new.train()
+    torch.manual_seed(3)
+    a = model(ids).logits
+    torch.manual_seed(3)
+    b = new(ids).logits
+    assert rel_err(a, b) <= TOL
+
+
+# ----------------------------------------------------------------------------- 4. generate
+@pytest.mark.parametrize("name,cls", [("llama", None), ("gpt2", None), ("t5", "T5ForConditionalGeneration"),
+                                      ("bart", "BartForConditionalGeneration")])
+def test_generate_gives_the_same_greedy_tokens(name, cls):
+    import transformers
+
+    model = ZOO[name].build()
+    if cls is not None:  # the zoo has the bare encoder-decoders; generate needs the LM head
+        model = getattr(transformers, cls)(model.config)
+        model.config.decoder_start_token_id = model.generation_config.decoder_start_token_id = 0
+    model.eval()
+    ids = _ids(model, 2, 7, seed=5)
+    kwargs = {"decoder_input_ids": ids[:, :3]} if cls is not None else {}
+    new = hc_rewrite.rewrite(model, (ids,), kwargs, variant="mhc")
+    gen = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    a = model.generate(ids, **gen)
+    b = new.generate(ids, **gen)
+    assert torch.equal(a.sequences, b.sequences)
+    assert max(rel_err(x, y) for x, y in zip(a.scores, b.scores)) <= TOL  # every step's logits, KV cache on
+    if cls is None:
+        assert len(set(a.sequences[0].tolist())) > 2  # a real sequence, not one repeated token
+
+
+# ----------------------------------------------------------------------------- 5. save / load
+def test_save_pretrained_and_from_pretrained_roundtrip(llama, tmp_path):
+    model, new, _ = llama
+    moved = _moved(new)
+    moved.save_pretrained(tmp_path)
+    back = hc_rewrite.from_pretrained(tmp_path)
+    assert type(back) is type(model)
+    ids = _ids(model, 2, 9, seed=6)
+    with torch.no_grad():
+        a, b = moved(ids).logits, back(ids).logits
+        assert rel_err(model(ids).logits, a) > 1e-4  # the connection parameters did move
+    assert torch.equal(a, b)
+    assert back.hc_plan.to_dict() == new.hc_plan.to_dict()
+
+
+def test_plain_module_state_dict_and_plan_roundtrip():
+    model = ShapeBranchNet().eval()
+    x = torch.randn(2, 5, 8)
+    new = _moved(hc_rewrite.rewrite(model, (x,), variant="frac", n=4))
+    plan, state = new.hc_plan.to_json(), new.state_dict()
+    back = hc_rewrite.rebuild(ShapeBranchNet().eval(), plan, state)
+    with torch.no_grad():
+        assert torch.equal(new(x), back(x))
+
+
+# ----------------------------------------------------------------------------- 6. module-level tools
+def test_peft_lora_changes_the_output_and_trains(llama):
+    peft = pytest.importorskip("peft")
+    model, new, _ = llama
+    lora = peft.get_peft_model(copy.deepcopy(new), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ids = _ids(model, 2, 8, seed=8)
+    with torch.no_grad():
+        before = lora(ids).logits
+    opt = torch.optim.SGD([p for p in lora.parameters() if p.requires_grad], lr=0.5)
+    lora.train()
+    for _ in range(2):
+        opt.zero_grad()
+        lora(ids, labels=ids).loss.backward()
+        opt.step()
+    lora.eval()
+    with torch.no_grad():
+        after = lora(ids).logits
+    assert rel_err(before, after) > 1e-4
+    trained = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+
+
+def _grads(model, ids):
+    model.zero_grad()
+    model(ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_activation_checkpointing_per_layer_gives_the_same_gradients(llama):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    model, new, _ = llama
+    ids = _ids(model, 2, 8, seed=9)
+    plain = _moved(new).train()
+    ref = _grads(plain, ids)
+    assert any(k.startswith("hc.") for k in ref)
+    ckpt = copy.deepcopy(plain)
+    layer_cls = type(ckpt.model.layers[0])
+    apply_activation_checkpointing(ckpt, check_fn=lambda m: isinstance(m, layer_cls))
+    got = _grads(ckpt, ids)
+    got = {k.replace("._checkpoint_wrapped_module", ""): v for k, v in got.items()}
+    assert got.keys() == ref.keys()
+    assert max(rel_err(ref[k], got[k]) for k in ref) <= 1e-5
+    hf = copy.deepcopy(plain)
+    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    got = _grads(hf, ids)
+    assert max(rel_err(ref[k], got[k]) for k in ref) <= 1e-5
+
+
+def test_reentrant_checkpointing_is_a_clear_error(llama):
+    model, new, _ = llama
+    hf = copy.deepcopy(new).train()
+    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    ids = _ids(model, 2, 8)
+    with pytest.raises(StreamError, match="use_reentrant=False"):
+        hf(ids, labels=ids).loss.backward()
+
+
+@pytest.mark.parametrize("backend,options", [("aot_eager", None), ("hc_rewrite", {"compiler": "aot_eager"})])
+def test_torch_compile_whole_model_and_one_block(llama, backend, options):
+    """Compiles and stays exact; the stream ops run eagerly between the compiled graphs (graph breaks)."""
+    model, new, _ = llama
+    moved = _moved(new)
+    ids = _ids(model, 2, 8, seed=10)
+    with torch.no_grad():
+        ref = moved(ids).logits
+    torch._dynamo.reset()
+    compiled = torch.compile(moved, backend=backend, options=options)
+    with torch.no_grad():
+        assert rel_err(ref, compiled(ids).logits) <= TOL
+    block = copy.deepcopy(moved)
+    block.model.layers[0].compile(backend=backend, options=options)
+    with torch.no_grad():
+        assert rel_err(ref, block(ids).logits) <= TOL
+
+
+def test_inplace_op_on_the_stream_is_an_error_not_a_wrong_result():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln = nn.LayerNorm(16)
+            self.fc = nn.Linear(16, 16)
+            self.ln2 = nn.LayerNorm(16)
+            self.fc2 = nn.Linear(16, 16)
+            self.scale = False
+
+        def forward(self, h):
+            h = h + self.fc(self.ln(h))
+            if self.scale:
+                h.mul_(2.0)  # the captured call never ran this
+            return h + self.fc2(self.ln2(h))
+
+    model = InPlace().eval()
+    x = torch.randn(2, 4, 16)
+    new = hc_rewrite.rewrite(model, (x,), variant="mhc")
+    new.scale = True
+    with pytest.raises(StreamError, match="in-place mul_"):
+        new(x)
