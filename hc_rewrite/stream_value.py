@@ -21,6 +21,7 @@ The math is that of :mod:`hc_rewrite.ops` (called as ``torch.ops.hc_rewrite.*`` 
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -76,7 +77,7 @@ class StreamValue(torch.Tensor):
             if out is not NotImplemented:
                 return out
         with _plain():
-            if args and _bound(args[0]):
+            if args and _bound(args[0]) and getattr(func, "__name__", "") != "__get__":
                 _LAST_DROP[0] = getattr(func, "__name__", str(func))
             if func in _INPLACE_OTHER and args and _bound(args[0]):
                 raise StreamError(
@@ -89,10 +90,44 @@ def _bound(x) -> bool:
     return isinstance(x, StreamValue) and getattr(x, "_hc_info", None) is not None
 
 
+# Live stream values by storage: wrappers that hand a layer an alias of its input (FSDP2's pre-forward
+# autograd function, ``x.view_as(x)``) make a new tensor object without our attributes; an entry hook that
+# gets such an alias finds the stream value it aliases here (same data pointer, shape, strides and dtype).
+_LIVE: dict = {}
+
+
+def _key(t: torch.Tensor):
+    try:
+        return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
+    except (RuntimeError, NotImplementedError):  # fake / meta tensors have no data pointer
+        return None
+
+
+def _remember(sv: StreamValue) -> None:
+    key = _key(sv)
+    if key is None:
+        return
+    if len(_LIVE) > 4096:
+        for k in [k for k, r in _LIVE.items() if r() is None]:
+            del _LIVE[k]
+    _LIVE[key] = weakref.ref(sv)
+
+
+def _aliased(t: torch.Tensor, stream_id: int):
+    """The live stream value of stream ``stream_id`` that ``t`` aliases, if any."""
+    key = _key(t)
+    ref = _LIVE.get(key) if key is not None else None
+    sv = ref() if ref is not None else None
+    if sv is not None and sv is not t and _bound(sv) and sv._hc_info.id == stream_id:
+        return sv
+    return None
+
+
 def _wrap(narrow: torch.Tensor, info: StreamInfo, w, index: int) -> StreamValue:
     with _plain():
         out = narrow.as_subclass(StreamValue)
     out._hc_info, out._hc_w, out._hc_index, out._hc_pending = info, w, index, None
+    _remember(out)
     return out
 
 
@@ -101,6 +136,7 @@ def _mark(x: torch.Tensor, info: StreamInfo, w, index: int) -> StreamValue:
     if not isinstance(x, StreamValue):
         x.__class__ = StreamValue
     x._hc_info, x._hc_w, x._hc_index, x._hc_pending = info, w, index, None
+    _remember(x)
     return x
 
 
@@ -133,6 +169,32 @@ def _wide_of(x: StreamValue) -> torch.Tensor:
     return x._hc_w
 
 
+class _Tie(torch.autograd.Function):
+    """``W`` unchanged, with an autograd edge to the narrow stream value ``x`` (zero gradient).
+
+    The gradient of a site reaches the previous one through ``W``, the attribute, not through the tensor the
+    user's code passed between modules. Module-level tools hook those tensors (FSDP2 unshards a block when the
+    gradient of its output arrives, and reduce-scatters when the gradient of its input does): this edge keeps
+    their hooks firing in the order of the original model.
+    """
+
+    @staticmethod
+    def forward(ctx, w, x):
+        ctx.x_meta = (x.shape, x.dtype, x.device)
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad_w):
+        shape, dtype, device = ctx.x_meta
+        return grad_w, torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _tied(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Tie.apply(w, x)
+    return w
+
+
 # ----------------------------------------------------------------------------- entry (pre)
 class EntryHook:
     """Forward pre-hook of a site's branch entry module: the branch reads ``pre(W)`` instead of the stream."""
@@ -148,6 +210,11 @@ class EntryHook:
         ours = [i for i, v in enumerate(leaves) if _bound(v) and v._hc_info.id == self.info.id]
         if ours:
             return ours[0]
+        for i, v in enumerate(leaves):
+            sv = _aliased(v, self.info.id) if isinstance(v, torch.Tensor) else None
+            if sv is not None:  # an alias made by a wrapper: it carries the same stream
+                _mark(v, sv._hc_info, sv._hc_w, sv._hc_index)
+                return i
         if self.index != 0:
             raise StreamError(
                 f"{self._describe()}: its input is not the residual stream it was rewritten for. The stream was "
@@ -183,7 +250,8 @@ class EntryHook:
                               "use use_reentrant=False")
         info = self.info
         with _plain():
-            w = _wide_of(x) if _bound(x) else _widen(x, info)
+            w = _tied(_wide_of(x), x) if _bound(x) and info.variant != "frac" else (
+                _wide_of(x) if _bound(x) else _widen(x, info))
             if not _bound(x):
                 _mark(x, info, None if info.variant == "frac" else w, -1)
             p = self.params
