@@ -34,7 +34,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", default="mhc", choices=["mhc", "frac", "hc", "none"], help="none: the plain residual")
     ap.add_argument("--n", type=int, default=4)
-    ap.add_argument("--d", type=int, default=64, help="hidden size")
+    ap.add_argument("--hidden", type=int, default=64, help="hidden size")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--seq", type=int, default=64)
@@ -55,7 +55,7 @@ def build(args, device):
 
     torch.manual_seed(args.seed)
     config = transformers.LlamaConfig(
-        vocab_size=257, hidden_size=args.d, intermediate_size=4 * args.d, num_hidden_layers=args.layers,
+        vocab_size=257, hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, num_key_value_heads=args.heads, max_position_embeddings=args.seq,
         tie_word_embeddings=False)
     model = transformers.LlamaForCausalLM(config)

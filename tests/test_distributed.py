@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_fsdp.py"
-COMMON = ["--steps", "3", "--d", "32", "--layers", "2", "--seq", "32", "--batch", "4", "--compile", "aot_eager"]
+COMMON = ["--steps", "3", "--hidden", "32", "--layers", "2", "--seq", "32", "--batch", "4", "--compile", "aot_eager"]
 
 
 def _run(tmp_path, name, *extra, ranks=1):
