@@ -5,7 +5,16 @@
 >>> print(new_model.hc_report)                                                 # doctest: +SKIP
 """
 from .api import report, rewrite
-from .structured import Plan, from_pretrained, rebuild
+from .structured import Plan, from_pretrained, rebuild, strip, to_graph
+
+
+def export_onnx(*args, **kwargs):
+    """See :func:`hc_rewrite.export.export_onnx` (imported on first use: it needs the onnx extra)."""
+    from .export import export_onnx as _export_onnx
+
+    return _export_onnx(*args, **kwargs)
+
+
 from .errors import CaptureError, HCRewriteError, NoResidualStreamError, SpecError, StructureError
 from .ops import ops, reference
 from .report import RewriteReport
@@ -16,5 +25,5 @@ __version__ = "0.1.0"
 __all__ = [
     "rewrite", "report", "RewriteReport", "HCSpec", "HCRewriteError", "SpecError", "CaptureError",
     "NoResidualStreamError", "StructureError", "ops", "reference", "__version__", "from_pretrained", "rebuild",
-    "Plan",
+    "Plan", "strip", "to_graph", "export_onnx",
 ]

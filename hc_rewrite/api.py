@@ -189,6 +189,7 @@ def _run_module(model, example_inputs, example_kwargs, spec: HCSpec):
             f"the structure-preserving rewrite of {type(model).__name__} differs from the original by {err:.2e} "
             "(relative) on the example call at init: refusing to return it. form='graph' gives the flat graph form")
     for st in streams:
+        st.ends = st.readers()
         for s in st.sites:
             s.rewritten = True
     rep = _report(model, spec, captured, sites, streams, "module",

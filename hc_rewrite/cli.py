@@ -37,6 +37,8 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", default="mhc", choices=["mhc", "frac", "hc"], help="default: mhc")
     p.add_argument("--n", type=int, default=4, help="expansion rate / number of fractions (default 4)")
     p.add_argument("--static", action="store_true", help="static coefficients (default: dynamic)")
+    p.add_argument("--form", default="module", choices=["module", "graph"],
+                   help="module: the user's model with its structure kept (default); graph: one flat graph")
 
 
 def _cmd_models(args) -> int:
@@ -52,7 +54,8 @@ def _cmd_report(args) -> int:
     from .visualize import write_graph
 
     model, margs, mkwargs = load_model(args.model)
-    rep = report(model, margs, mkwargs, variant=args.variant, n=args.n, dynamic=not args.static)
+    rep = report(model, margs, mkwargs, variant=args.variant, n=args.n, dynamic=not args.static,
+                 form=getattr(args, "form", "module"))
     if args.json:
         print(json.dumps(rep.to_dict(), indent=2))
     else:

@@ -141,6 +141,9 @@ def export_onnx(model, example_inputs, path, example_kwargs=None, dynamic_batch=
                 dynamic_shapes=None, opset_version=None, optimize=True, verify=False, rtol=1e-4):
     """Export ``model`` (a module returned by :func:`hc_rewrite.rewrite`) to ONNX at ``path``; returns ``path``.
 
+    A model of the structure-preserving form (the default) is exported through its graph form
+    (:func:`hc_rewrite.structured.to_graph`, same weights, same function).
+
     ``model(*example_inputs, **example_kwargs)`` is the call exported (see module docstring for the
     input / output naming and the dynamic axes). ``dynamic_shapes``: one entry per tensor input, in
     the order of :func:`onnx_input_layout` (``{axis: "name"}`` or ``None``), replacing the defaults.
@@ -151,6 +154,10 @@ def export_onnx(model, example_inputs, path, example_kwargs=None, dynamic_batch=
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    if getattr(model, "hc_plan", None) is not None:  # the structure-preserving form: export its graph form
+        from .structured import to_graph
+
+        model = to_graph(model, example_inputs, example_kwargs)
     example_inputs = tuple(example_inputs or ())
     example_kwargs = dict(example_kwargs or {})
     names, tensors, slots = onnx_input_layout(model, example_inputs, example_kwargs)

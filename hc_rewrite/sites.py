@@ -60,3 +60,21 @@ class Stream:
                 seen.add(v)
                 out.append(v)
         return out
+
+    def readers(self) -> list:
+        """``(value, reader)`` name pairs for every reader of a stream value that is not part of the stream:
+        where the structure-preserving form's readers see the reduced stream (the graph form records the same
+        pairs in ``ends`` as it inserts the reductions)."""
+        inner = set()
+        for site in self.sites:
+            inner |= {(site.skip, u) for u in site.skip.users if u in site.region}
+            inner.add((site.skip, site.add))
+            for path, _nxt in self.successors.get(site, []):
+                prev = site.add
+                for link in path:
+                    inner.add((prev, link))
+                    prev = link
+        out = []
+        for value in self.values()[1:]:  # readers of the root read the original value
+            out += [(value.name, u.name) for u in value.users if (value, u) not in inner]
+        return out

@@ -308,6 +308,9 @@ def _add(func, args, kwargs):
                 y = y * alpha
         first = not getattr(pending, "continued", False)
         x._hc_pending = None
+        if func in _INPLACE_ADD and y is a:  # y.add_(x): y is overwritten below, but post saves it for backward
+            with _plain():
+                y = y.clone()
         out = _post(pending, y, x, first)
         if func in _INPLACE_ADD:  # a.add_(b) / a += b: the object the user code holds becomes the result
             target = a

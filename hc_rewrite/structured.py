@@ -190,3 +190,44 @@ def rebuild(model: nn.Module, plan, state_dict=None) -> nn.Module:
     if state_dict is not None:
         new.load_state_dict(state_dict)
     return new
+
+
+def strip(model: nn.Module) -> nn.Module:
+    """A copy of a rewritten model without its connections: the original model (weights as they are now)."""
+    import copy
+
+    new = copy.deepcopy(model)
+    for m in new.modules():
+        for hooks, kw in ((m._forward_pre_hooks, m._forward_pre_hooks_with_kwargs),
+                          (m._forward_hooks, m._forward_hooks_with_kwargs)):
+            for k in [k for k, h in hooks.items() if isinstance(h, EntryHook) or h is plain_outputs]:
+                del hooks[k]
+                kw.pop(k, None)
+    for attr in ("hc_plan", "hc_report"):
+        new.__dict__.pop(attr, None)
+    if isinstance(getattr(new, "hc", None), nn.Module):
+        del new.hc
+    config = getattr(new, "config", None)
+    if config is not None and hasattr(config, "hc_rewrite"):
+        del config.hc_rewrite
+    return new
+
+
+def to_graph(model: nn.Module, example_inputs, example_kwargs=None):
+    """The flat graph form (``rewrite(form="graph")``) of a structure-preserving ``model``, with its current
+    connection weights: what the ONNX export and the graph passes work on. Same function at any weights."""
+    from .api import rewrite
+
+    plan = model.hc_plan
+    gm = rewrite(strip(model), example_inputs, example_kwargs, variant=plan.variant, n=plan.n, dynamic=plan.dynamic,
+                 form="graph", sinkhorn_iters=plan.sinkhorn_iters, seed=plan.seed)
+    where = {s.name: (s.stream, s.index) for s in gm.hc_report.sites if s.rewritten}
+    ours = {site.name: (stream.id, site.index) for stream in plan.streams for site in stream.sites}
+    if set(where) != set(ours) or any(where[k][1] != v[1] for k, v in ours.items()):
+        raise ValueError("the graph form of this model places its sites differently from the structure-preserving "
+                         f"form (graph: {sorted(where)}, module: {sorted(ours)}); it cannot carry its weights")
+    for name, (sid, idx) in ours.items():
+        gsid, gidx = where[name]
+        gm.hc.get_submodule(f"s{gsid}_{gidx}").load_state_dict(model.hc.get_submodule(f"s{sid}_{idx}").state_dict())
+    gm.train(model.training)
+    return gm

@@ -117,3 +117,25 @@ def test_cli_export_onnx(tmp_path, capsys):
     assert bad.func(bad) == 2
     with pytest.raises(SystemExit):
         parser.parse_args(["export-onnx", "--model", "no-such-model"])
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_structure_preserving_form_exports_with_its_trained_weights(name, built, tmp_path):
+    """The default (module) form exports through its graph form: the file computes what the model computes,
+    connection weights moved off their init included; ``hc_rewrite.export_onnx`` is top-level API."""
+    entry = ZOO[name]
+    gen = torch.Generator().manual_seed(1)
+    args, kwargs = entry.inputs(batch=EXPORT_BATCH, seq=EXPORT_SEQ, generator=gen)
+    model = hc_rewrite.rewrite(built(name), args, kwargs, variant="mhc", n=4)
+    with torch.no_grad():
+        for p in model.hc.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    path = hc_rewrite.export_onnx(model, args, tmp_path / f"{name}.onnx", example_kwargs=kwargs)
+    a2, k2 = entry.inputs(batch=3, seq=11, generator=gen)
+    with torch.no_grad():
+        expected = _tensor_leaves(model(*a2, **k2))
+        base = _tensor_leaves(built(name)(*a2, **k2))
+    names, tensors, _ = onnx_input_layout(model, a2, k2)
+    got = run_onnx(path, dict(zip(names, tensors)))
+    assert max_relative_error(got[0], expected[0]) <= RTOL
+    assert max_relative_error(base[0], expected[0]) > 1e-3  # the moved weights do matter
