@@ -85,7 +85,7 @@ block_st = st.fixed_dictionaries({
 })
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     blocks=st.lists(block_st, min_size=1, max_size=4),
     widen_at=st.integers(min_value=-1, max_value=3),
@@ -93,14 +93,16 @@ block_st = st.fixed_dictionaries({
     variant=st.sampled_from(["mhc", "frac", "hc"]),
     dynamic=st.booleans(),
     seed=st.integers(min_value=0, max_value=2**16),
+    form=st.sampled_from(["module", "graph"]),
 )
-def test_random_residual_net_is_rewritten_and_equivalent_or_refused(blocks, widen_at, extra, variant, dynamic, seed):
+def test_random_residual_net_is_rewritten_and_equivalent_or_refused(blocks, widen_at, extra, variant, dynamic, seed,
+                                                                    form):
     torch.manual_seed(seed)
     d = 8
     model = RandomNet(blocks, d, widen_at, sorted(extra)).eval()
     x = torch.randn(2, 5, 6)
     try:
-        new = hc_rewrite.rewrite(model, (x,), variant=variant, n=2 if variant != "frac" else 4, dynamic=dynamic, form="graph")
+        new = hc_rewrite.rewrite(model, (x,), variant=variant, n=2 if variant != "frac" else 4, dynamic=dynamic, form=form)
     except NoResidualStreamError as e:
         assert e.report is not None
         assert all(s.reason for s in e.report.sites)  # every candidate refused says why
