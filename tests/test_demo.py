@@ -30,3 +30,13 @@ def test_readme_opens_with_the_two_setup_commands():
     assert "pytest" in head[marker:]
     ci = (ROOT / ".ci" / "run").read_text()
     assert "test-command" in ci  # .ci/run runs exactly the README's test command
+
+
+def test_readme_llama_example_runs(tmp_path, monkeypatch):
+    """The README's "Generate with a rewritten Llama, save and reload it" block, executed as written."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("<!-- readme-example:llama -->")
+    block = text[text.index("```python", start) + len("```python"):text.index("```", text.index("```python", start) + 9)]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    assert (tmp_path / "llama-mhc" / "config.json").exists()
