@@ -21,7 +21,7 @@ def main(argv=None) -> int:
 
     from hc_rewrite.capture import capture
     from hc_rewrite.passes import (
-        find_residual_sites, group_residual_streams, insert_hyper_connections, remove_export_guards,
+        find_residual_sites, group_residual_streams, insert_hyper_connections, remove_metadata_asserts,
         restore_batch_norm_modules, restore_dropout_modules,
     )
     from hc_rewrite.spec import make_spec
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         for _ in range(args.repeats):
             gm = copy.deepcopy(captured.gm)
             t0 = time.perf_counter()
-            remove_export_guards(gm, recompile=False)  # as hc_rewrite.rewrite runs them: one
+            remove_metadata_asserts(gm, recompile=False)  # as hc_rewrite.rewrite runs them: one
             restore_dropout_modules(gm, recompile=False)  # recompile, at the end of the rewrite
             restore_batch_norm_modules(gm, recompile=False)
             sites = find_residual_sites(gm)

@@ -13,7 +13,7 @@ from .passes import (
     group_residual_streams,
     insert_hyper_connections,
     place_sites_on_modules,
-    remove_export_guards,
+    remove_metadata_asserts,
     restore_batch_norm_modules,
     restore_dropout_modules,
 )
@@ -54,7 +54,7 @@ def _analyse(model, example_inputs, example_kwargs, spec: HCSpec):
     _precheck_width(model, spec)
     captured = capture(model, example_inputs, example_kwargs)
     gm = captured.gm
-    remove_export_guards(gm, recompile=False)
+    remove_metadata_asserts(gm, recompile=False)
     restore_dropout_modules(gm, recompile=False)
     restore_batch_norm_modules(gm, recompile=False)
     sites = find_residual_sites(gm)

@@ -250,7 +250,8 @@ def test_plain_module_state_dict_and_plan_roundtrip():
 
 # ----------------------------------------------------------------------------- 6. module-level tools
 def test_peft_lora_changes_the_output_and_trains(llama):
-    peft = pytest.importorskip("peft")
+    import peft  # a test dependency: a missing PEFT is a failure, not a skip
+
     model, new, _ = llama
     lora = peft.get_peft_model(copy.deepcopy(new), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     ids = _ids(model, 2, 8, seed=8)
@@ -268,6 +269,23 @@ def test_peft_lora_changes_the_output_and_trains(llama):
     assert rel_err(before, after) > 1e-4
     trained = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in n for n in trained)
+
+
+def test_transformers_trainer_gets_a_loss_and_trains(llama, tmp_path):
+    import transformers
+
+    model, new, _ = llama
+    moved = copy.deepcopy(new).train()
+    ids = _ids(model, 8, 12, seed=11)
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3,
+                                          learning_rate=1e-2, report_to=[], use_cpu=True, logging_steps=1,
+                                          save_strategy="no")
+    before = {k: v.clone() for k, v in moved.hc.state_dict().items()}
+    trainer = transformers.Trainer(model=moved, args=args, train_dataset=data)
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert any(not torch.equal(before[k], v) for k, v in moved.hc.state_dict().items())  # the connections train
 
 
 def _grads(model, ids):

@@ -1,5 +1,5 @@
 """Graph passes, one per file. Each is a plain function over an ``fx.GraphModule``."""
-from .remove_export_guards import remove_export_guards
+from .remove_metadata_asserts import remove_metadata_asserts
 from .restore_dropout_modules import restore_dropout_modules
 from .restore_batch_norm_modules import restore_batch_norm_modules
 from .find_residual_sites import find_residual_sites
@@ -9,7 +9,7 @@ from .place_sites_on_modules import place_sites_on_modules
 from .lower_stream_ops import lower_stream_ops
 
 __all__ = [
-    "remove_export_guards",
+    "remove_metadata_asserts",
     "restore_dropout_modules",
     "restore_batch_norm_modules",
     "find_residual_sites",

@@ -8,14 +8,14 @@ from hc_rewrite.capture import capture
 from hc_rewrite.passes import (
     find_residual_sites,
     group_residual_streams,
-    remove_export_guards,
+    remove_metadata_asserts,
     restore_dropout_modules,
 )
 
 
 def _prepare(model, args):
     gm = capture(model, args).gm
-    remove_export_guards(gm)
+    remove_metadata_asserts(gm)
     restore_dropout_modules(gm)
     gm.eval()
     return gm

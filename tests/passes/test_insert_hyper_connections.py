@@ -11,7 +11,7 @@ from hc_rewrite.passes import (
     find_residual_sites,
     group_residual_streams,
     insert_hyper_connections,
-    remove_export_guards,
+    remove_metadata_asserts,
     restore_dropout_modules,
 )
 from hc_rewrite.spec import make_spec
@@ -27,7 +27,7 @@ SITE_CLS = {"mhc": MHCSite, "hc": HCSite, "frac": FracSite}
 
 def _pipeline(model, args):
     gm = capture(model, args).gm
-    remove_export_guards(gm)
+    remove_metadata_asserts(gm)
     restore_dropout_modules(gm)
     gm.eval()
     sites = find_residual_sites(gm)

@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hc_rewrite.capture import capture
-from hc_rewrite.passes import remove_export_guards, restore_dropout_modules
+from hc_rewrite.passes import remove_metadata_asserts, restore_dropout_modules
 
 DROPOUT_OPS = {torch.ops.aten.dropout.default, torch.ops.aten.dropout_.default}
 
@@ -35,7 +35,7 @@ def _dropout_modules(gm):
 def test_functional_dropout_becomes_modules(toys, make_toy):
     model, x, x2 = make_toy(toys.PreNormMLP, p=0.25)
     gm = capture(model, (x,)).gm
-    remove_export_guards(gm)
+    remove_metadata_asserts(gm)
     before = _aten_dropouts(gm)
     assert len(before) == 3
     assert all(n.args[1] == 0.25 and n.args[2] is False for n in before)  # eval mode baked in
