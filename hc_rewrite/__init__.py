@@ -5,7 +5,7 @@
 >>> print(new_model.hc_report)                                                 # doctest: +SKIP
 """
 from .api import report, rewrite
-from .structured import Plan, from_pretrained, rebuild, strip, to_graph
+from .structured import Plan, compile_stream_ops, from_pretrained, rebuild, strip, to_graph
 
 
 def export_onnx(*args, **kwargs):
@@ -25,5 +25,5 @@ __version__ = "0.1.0"
 __all__ = [
     "rewrite", "report", "RewriteReport", "HCSpec", "HCRewriteError", "SpecError", "CaptureError",
     "NoResidualStreamError", "StructureError", "ops", "reference", "__version__", "from_pretrained", "rebuild",
-    "Plan", "strip", "to_graph", "export_onnx",
+    "Plan", "strip", "to_graph", "export_onnx", "compile_stream_ops",
 ]

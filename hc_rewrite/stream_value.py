@@ -201,7 +201,7 @@ class EntryHook:
 
     def __init__(self, info: StreamInfo, index: int, name: str, params: torch.nn.Module, extra: int):
         self.info, self.index, self.name, self.params, self.extra = info, index, name, params, extra
-        self.last_error = None
+        self.compiled = None  # (site_pre, site_post) compiled by compile_stream_ops, or None: eager
 
     def _describe(self) -> str:
         return f"site {self.name} (stream {self.info.id}, position {self.index})"
@@ -255,18 +255,9 @@ class EntryHook:
             if not _bound(x):
                 _mark(x, info, None if info.variant == "frac" else w, -1)
             p = self.params
-            coeff_args = [getattr(p, name) for name in p.coeff_inputs()]
-            if info.variant == "mhc":
-                h_pre, h_post, h_res = ops.mhc_coeffs(w, *coeff_args, 1e-6, info.sinkhorn_iters)
-                if p.b_res is None:
-                    h_res = None
-                branch_in = ops.stream_pre(w, h_pre)
-            elif info.variant == "hc":
-                h_pre, h_post, h_res = ops.hc_coeffs(w, *coeff_args)
-                branch_in = ops.stream_pre(w, h_pre)
-            else:
-                h_pre, h_post, h_res = ops.frac_coeffs(w, *coeff_args)
-                branch_in = ops.frac_pre(w, h_pre)
+            coeff_args = tuple(getattr(p, name) for name in p.coeff_inputs())
+            math = self.compiled[0] if self.compiled else site_pre
+            branch_in, h_post, h_res = math(info.variant, info.sinkhorn_iters, w, *coeff_args)
             branch_in = _from_last(branch_in, info).to(x.dtype)
         x._hc_pending = _Pending(self, w, h_post, h_res, branch_in, self.extra)
         if TRACE.on:
@@ -275,14 +266,37 @@ class EntryHook:
         return pytree.tree_unflatten(leaves, spec)
 
 
+# ----------------------------------------------------------------------------- the site math
+def site_pre(variant: str, iters: int, w, *coeff_args):
+    """Coefficients and branch input of one site: ``(branch_in, h_post, h_res)`` (channels last)."""
+    if variant == "mhc":
+        h_pre, h_post, h_res = ops.mhc_coeffs(w, *coeff_args, 1e-6, iters)
+        if coeff_args[-1] is None:  # no b_res: the last site of a stream has no mixing
+            h_res = None
+        return ops.stream_pre(w, h_pre), h_post, h_res
+    if variant == "hc":
+        h_pre, h_post, h_res = ops.hc_coeffs(w, *coeff_args)
+        return ops.stream_pre(w, h_pre), h_post, h_res
+    h_pre, h_post, h_res = ops.frac_coeffs(w, *coeff_args)
+    return ops.frac_pre(w, h_pre), h_post, h_res
+
+
+def site_post(variant: str, w, y, h_post, h_res):
+    """The widened stream after a site and its reduction: ``(W', end(W'))`` (channels last)."""
+    w_new = ops.stream_post(w, y, h_post, h_res)
+    end = ops.merge_fractions(w_new) if variant == "frac" else ops.reduce_stream(w_new)
+    return w_new, end
+
+
 # ----------------------------------------------------------------------------- the site add (post)
 def _post(pending: _Pending, y: torch.Tensor, x: StreamValue, first: bool) -> StreamValue:
     info = pending.hook.info
     with _plain():
         yl = _to_last(y, info).to(pending.w.dtype)
         h_res = pending.h_res if first else None
-        w_new = ops.stream_post(pending.w, yl, pending.h_post, h_res)
-        narrow = _narrow(w_new, info).to(torch.promote_types(x.dtype, y.dtype))
+        math = pending.hook.compiled[1] if pending.hook.compiled else site_post
+        w_new, end = math(info.variant, pending.w, yl, pending.h_post, h_res)
+        narrow = _from_last(end, info).to(torch.promote_types(x.dtype, y.dtype))
     out = _wrap(narrow, info, None if info.variant == "frac" else w_new, pending.hook.index)
     if pending.extra > 0:
         out._hc_pending = _Pending(pending.hook, w_new, pending.h_post, None, pending.branch_in, pending.extra - 1)

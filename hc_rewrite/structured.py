@@ -231,3 +231,31 @@ def to_graph(model: nn.Module, example_inputs, example_kwargs=None):
         gm.hc.get_submodule(f"s{gsid}_{gidx}").load_state_dict(model.hc.get_submodule(f"s{sid}_{idx}").state_dict())
     gm.train(model.training)
     return gm
+
+
+def entry_hooks(model: nn.Module) -> list:
+    """The entry hooks of a structure-preserving model, one per site (a site with two entries counts once)."""
+    seen, out = set(), []
+    for m in model.modules():
+        for h in m._forward_pre_hooks.values():
+            if isinstance(h, EntryHook) and id(h) not in seen:
+                seen.add(id(h))
+                out.append(h)
+    return out
+
+
+def compile_stream_ops(model: nn.Module, backend="hc_rewrite", options=None) -> nn.Module:
+    """Run the stream math of a structure-preserving ``model`` (each site's coefficients + pre, and its post)
+    through ``torch.compile(..., backend=backend, dynamic=True)``: with the ``hc_rewrite`` backend that is the
+    lowering to the fused kernels on CUDA. ``torch.compile(model)`` alone leaves these ops eager (they run
+    between the compiled graphs). Returns ``model`` (changed in place); compiled once per site."""
+    from .stream_value import site_post, site_pre
+
+    pre = torch.compile(site_pre, backend=backend, options=options, dynamic=True)
+    post = torch.compile(site_post, backend=backend, options=options, dynamic=True)
+    hooks = entry_hooks(model)
+    if not hooks:
+        raise ValueError("compile_stream_ops: this model has no hc_rewrite entry hooks (rewrite it first, form='module')")
+    for hook in hooks:
+        hook.compiled = (pre, post)
+    return model

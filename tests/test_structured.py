@@ -364,3 +364,33 @@ def test_inplace_op_on_the_stream_is_an_error_not_a_wrong_result():
     new.scale = True
     with pytest.raises(StreamError, match="in-place mul_"):
         new(x)
+
+
+def test_compile_stream_ops_hands_the_stream_math_to_the_backend(llama):
+    """``torch.compile(model)`` runs the stream ops eagerly between graphs; ``compile_stream_ops`` compiles each
+    site's math with the hc_rewrite backend (which lowers it to the fused kernels on CUDA) and stays exact."""
+    from hc_rewrite.backend import hc_rewrite_backend
+    from hc_rewrite.backend import stream_op_nodes
+
+    model, new, _ = llama
+    moved = _moved(new)
+    ids = _ids(model, 2, 8, seed=12)
+    with torch.no_grad():
+        ref = moved(ids).logits
+    seen = []
+
+    def spy(gm, example_inputs):
+        seen.append(len(stream_op_nodes(gm)))
+        return hc_rewrite_backend(gm, example_inputs, options={"compiler": "aot_eager"})
+
+    torch._dynamo.reset()
+    hc_rewrite.compile_stream_ops(moved, backend=spy)
+    with torch.no_grad():
+        assert rel_err(ref, moved(ids).logits) <= TOL
+        other = _ids(model, 3, 5)
+        assert rel_err(_moved(new)(other).logits, moved(other).logits) <= TOL  # another shape, same compile
+    assert seen and all(k > 0 for k in seen)  # every graph the backend got holds stream ops
+    assert len(seen) <= 4  # compiled once per kind of site math (dynamic shapes), not once per call
+    moved.train()
+    moved(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in moved.hc.parameters())
