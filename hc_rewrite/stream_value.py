@@ -400,7 +400,7 @@ def _relu(func, args, kwargs):
 
 
 def _cast(func, args, kwargs):
-    return _link(func, args, kwargs, lambda w, n: w.to(n.dtype) if n.dtype != w.dtype else w)
+    return _link(func, args, kwargs, lambda w, n: w.to(device=n.device, dtype=n.dtype))
 
 
 def _same(func, args, kwargs):
