@@ -29,8 +29,8 @@ package, and is also registered when this module is imported.
   generation; ``"eager"`` runs the graph as captured. Both are for debugging, or for machines where no
   C++ / Triton compiler is usable.
 * ``require_hc_ops`` (bool, default True): False also compiles graphs without stream ops (fragments of
-  a rewritten model split by a graph break) instead of raising. Once a model of the structure-preserving
-  form exists in the process (its stream ops run eagerly, outside the compiled graphs), such graphs are
+  a rewritten model split by a graph break) instead of raising. The graphs of a model of the
+  structure-preserving form (recognised by its parameters; its stream ops run between the graphs) are
   compiled without raising.
 * any other key is an Inductor config patch, as in ``torch.compile(backend="inductor", options=...)``
   (e.g. ``"max_autotune": True``); ``mode=`` is honoured the same way.
@@ -137,13 +137,15 @@ def hc_rewrite_backend(gm: fx.GraphModule, example_inputs, *, options: dict | No
     ours, extra = _split_options(options)
     patches = _inductor_patches(mode, extra) if ours["compiler"] == "inductor" else {}
     nodes = stream_op_nodes(gm)
-    if not nodes and ours["require_hc_ops"] and not structured.ATTACHED:
+    piece = not nodes and structured.is_structured_graph(gm, example_inputs)
+    if not nodes and ours["require_hc_ops"] and not piece:
         raise _no_stream_ops_error(gm)
-    if not nodes and structured.ATTACHED and not _NOTED:
+    if piece and not _NOTED:
         _NOTED.append(True)
         log.warning("hc_rewrite backend: a graph without stream ops. Models of the structure-preserving form "
                     "(rewrite(form='module'), the default) run their stream ops eagerly between compiled graphs; "
-                    "rewrite(form='graph') gives one graph whose stream ops this backend fuses")
+                    "hc_rewrite.compile_stream_ops(model) hands them to this backend; rewrite(form='graph') gives "
+                    "one graph whose stream ops this backend fuses")
     lowered = _lower(gm, nodes, ours) if ours["fuse"] and nodes else 0
     log.info("hc_rewrite backend: %d stream ops, %d fused ops inserted", len(nodes), lowered)
     compiler = ours["compiler"]

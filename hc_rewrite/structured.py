@@ -21,8 +21,34 @@ from .spec import HCSpec
 from .stream_value import EntryHook, StreamInfo, plain_outputs
 
 PLAN_VERSION = 1
-#: How many models :func:`attach` has made in this process (the compile backend relaxes a check once any exist).
-ATTACHED: list = []
+#: Attribute set on every parameter of a model :func:`attach` made: the compile backend recognises the graphs
+#: of such a model (which hold no stream op: those run between the graphs) by their parameters.
+MARK = "_hc_rewritten"
+
+
+class MarkParameters:
+    """Root forward pre-hook: marks the model's parameters (:data:`MARK`) on its first call, and again on the first
+    call of every deep copy (``Parameter.__deepcopy__`` drops attributes; parameters swapped in later get it too)."""
+
+    def __init__(self):
+        self.done = False
+
+    def __deepcopy__(self, memo):
+        return MarkParameters()
+
+    @torch._dynamo.disable
+    def __call__(self, module, args):
+        if not self.done:
+            for p in module.parameters():
+                setattr(p, MARK, True)
+            self.done = True
+
+
+def is_structured_graph(gm, example_inputs) -> bool:
+    """Whether a dynamo graph may be a piece of a model of the structure-preserving form: it holds parameters of
+    such a model (see :data:`MARK`) or none at all (code between two modules, e.g. mask building)."""
+    params = [t for t in [*example_inputs, *gm.parameters()] if isinstance(t, nn.Parameter)]
+    return not params or any(getattr(t, MARK, False) for t in params)
 
 
 @dataclass
@@ -121,7 +147,7 @@ def attach(model: nn.Module, plan: Plan) -> nn.Module:
     model.add_module("hc", holder)
     handles.append(model.register_forward_hook(plain_outputs, with_kwargs=True))
     model.hc_plan = plan
-    ATTACHED.append(True) if not ATTACHED else None
+    handles.append(model.register_forward_pre_hook(MarkParameters()))
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         config.hc_rewrite = plan.to_dict()  # saved by save_pretrained: from_pretrained rebuilds from it
@@ -200,7 +226,8 @@ def strip(model: nn.Module) -> nn.Module:
     for m in new.modules():
         for hooks, kw in ((m._forward_pre_hooks, m._forward_pre_hooks_with_kwargs),
                           (m._forward_hooks, m._forward_hooks_with_kwargs)):
-            for k in [k for k, h in hooks.items() if isinstance(h, EntryHook) or h is plain_outputs]:
+            for k in [k for k, h in hooks.items()
+                      if isinstance(h, (EntryHook, MarkParameters)) or h is plain_outputs]:
                 del hooks[k]
                 kw.pop(k, None)
     for attr in ("hc_plan", "hc_report"):
