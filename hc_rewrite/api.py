@@ -24,9 +24,11 @@ from .structured import attach, build_plan
 
 _WIDTH_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
 FORMS = ("module", "graph")
-#: Largest relative error of the structure-preserving form against the original on the example call at
-#: init; above it the rewrite refuses to return a model (fp32 results are ~1e-7).
-CHECK_TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+#: Largest relative error (max |a - b| / max |a| over every floating output) of the structure-preserving form
+#: against the original on the example call at init; above it the rewrite refuses to return a model. A misplaced
+#: site gives errors of 1e-2 and more; fp32 rounding gives ~1e-7 on main outputs and up to ~1e-5 on padded
+#: positions of a 12-site post-norm stack (MiniLM), hence the margin.
+CHECK_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 
 
 def _precheck_width(model, spec: HCSpec) -> None:
