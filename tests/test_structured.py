@@ -394,3 +394,23 @@ def test_compile_stream_ops_hands_the_stream_math_to_the_backend(llama):
     moved.train()
     moved(ids, labels=ids).loss.backward()
     assert all(p.grad is not None for p in moved.hc.parameters())
+
+
+def test_a_result_that_differs_from_the_original_is_refused(monkeypatch):
+    """The check run compares the rewritten model with the original on the example call: broken site math
+    (here the post op shifted by 0.1) is a StructureError, and the caller's model is untouched."""
+    import hc_rewrite.stream_value as sv
+
+    model = ShapeBranchNet().eval()
+    before = snapshot(model)
+    real = sv.site_post
+
+    def broken(variant, w, y, h_post, h_res):
+        w_new, end = real(variant, w, y, h_post, h_res)
+        return w_new, end + 0.1
+
+    monkeypatch.setattr(sv, "site_post", broken)
+    with pytest.raises(hc_rewrite.StructureError, match="differs from the original"):
+        hc_rewrite.rewrite(model, (torch.randn(2, 5, 8),), variant="mhc")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
