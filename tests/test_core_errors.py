@@ -188,7 +188,13 @@ def test_every_site_refused_reports_why(toys, make_toy):
     assert hc_rewrite.report(model, (x,), form="graph").refused[0].reason == rep.refused[0].reason
 
 
-def test_rewriting_a_rewritten_module_is_refused(rewritten, no_capture):
-    r = rewritten("bert", "mhc", True)
+@pytest.fixture
+def bert_graph_form(rewritten):
+    """Rewritten before ``no_capture`` is set up (fixtures it depends on come first): order-independent."""
+    return rewritten("bert", "mhc", True)
+
+
+def test_rewriting_a_rewritten_module_is_refused(bert_graph_form, no_capture):
+    r = bert_graph_form
     with pytest.raises(ValueError, match="already rewritten"):
         hc_rewrite.rewrite(r.new, r.args, r.kwargs, variant="hc", form="graph")

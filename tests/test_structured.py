@@ -414,3 +414,9 @@ def test_a_result_that_differs_from_the_original_is_refused(monkeypatch):
         hc_rewrite.rewrite(model, (torch.randn(2, 5, 8),), variant="mhc")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def test_rewriting_a_rewritten_model_again_is_refused(llama):
+    model, new, _ = llama
+    with pytest.raises(ValueError, match="already rewritten"):
+        hc_rewrite.rewrite(new, (_ids(model, 1, 6),), variant="hc")
