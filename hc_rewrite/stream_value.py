@@ -49,6 +49,7 @@ class StreamInfo:
     n: int
     spread: float
     sinkhorn_iters: int
+    owner: object = None  # one token per rewritten model: stream values of other models are not ours
 
 
 @dataclass
@@ -113,12 +114,12 @@ def _remember(sv: StreamValue) -> None:
     _LIVE[key] = weakref.ref(sv)
 
 
-def _aliased(t: torch.Tensor, stream_id: int):
-    """The live stream value of stream ``stream_id`` that ``t`` aliases, if any."""
+def _aliased(t: torch.Tensor, info: StreamInfo):
+    """The live value of stream ``info`` that ``t`` aliases, if any."""
     key = _key(t)
     ref = _LIVE.get(key) if key is not None else None
     sv = ref() if ref is not None else None
-    if sv is not None and sv is not t and _bound(sv) and sv._hc_info.id == stream_id:
+    if sv is not None and sv is not t and _bound(sv) and sv._hc_info is info:
         return sv
     return None
 
@@ -207,11 +208,11 @@ class EntryHook:
         return f"site {self.name} (stream {self.info.id}, position {self.index})"
 
     def _find(self, leaves):
-        ours = [i for i, v in enumerate(leaves) if _bound(v) and v._hc_info.id == self.info.id]
+        ours = [i for i, v in enumerate(leaves) if _bound(v) and v._hc_info is self.info]
         if ours:
             return ours[0]
         for i, v in enumerate(leaves):
-            sv = _aliased(v, self.info.id) if isinstance(v, torch.Tensor) else None
+            sv = _aliased(v, self.info) if isinstance(v, torch.Tensor) else None
             if sv is not None:  # an alias made by a wrapper: it carries the same stream
                 _mark(v, sv._hc_info, sv._hc_w, sv._hc_index)
                 return i
@@ -225,7 +226,7 @@ class EntryHook:
         fdim = self.info.feature_dim
         cands = [i for i, v in enumerate(leaves)
                  if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() >= 2
-                 and v.shape[fdim] == width and not _bound(v)]
+                 and v.shape[fdim] == width and not (_bound(v) and v._hc_info.owner is self.info.owner)]
         if len(cands) != 1:
             raise StreamError(
                 f"{self._describe()}: cannot tell which input of its entry module is the residual stream "

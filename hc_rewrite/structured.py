@@ -14,6 +14,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from .connections import expand_spread, make_site
@@ -26,22 +27,34 @@ PLAN_VERSION = 1
 MARK = "_hc_rewritten"
 
 
-class MarkParameters:
-    """Root forward pre-hook: marks the model's parameters (:data:`MARK`) on its first call, and again on the first
-    call of every deep copy (``Parameter.__deepcopy__`` drops attributes; parameters swapped in later get it too)."""
+class _Owner:
+    """The token that tells one rewritten model's stream values from another's (a deep copy gets its own)."""
+
+
+class RootPreHook:
+    """Root forward pre-hook of a rewritten model.
+
+    * The model's code gets aliases (``t.view_as(t)``) of the caller's tensors: when a stream starts at an input,
+      the stream value is made from the alias, never from the caller's tensor object.
+    * Marks the model's parameters (:data:`MARK`) on its first call, and again on the first call of every deep
+      copy (``Parameter.__deepcopy__`` drops attributes).
+    """
 
     def __init__(self):
         self.done = False
 
     def __deepcopy__(self, memo):
-        return MarkParameters()
+        return RootPreHook()
 
     @torch._dynamo.disable
-    def __call__(self, module, args):
+    def __call__(self, module, args, kwargs):
         if not self.done:
             for p in module.parameters():
                 setattr(p, MARK, True)
             self.done = True
+        with torch._C.DisableTorchFunctionSubclass():
+            alias = lambda t: t.view_as(t)  # noqa: E731
+            return pytree.tree_map_only(torch.Tensor, alias, (args, kwargs))
 
 
 def is_structured_graph(gm, example_inputs) -> bool:
@@ -134,9 +147,10 @@ def attach(model: nn.Module, plan: Plan) -> nn.Module:
     generator = torch.Generator().manual_seed(plan.seed)
     holder = nn.Module()
     handles = []
+    owner = _Owner()
     for stream in plan.streams:
         info = StreamInfo(id=stream.id, width=stream.width, feature_dim=stream.feature_dim, variant=spec.variant,
-                          n=spec.n, spread=expand_spread(spec), sinkhorn_iters=spec.sinkhorn_iters)
+                          n=spec.n, spread=expand_spread(spec), sinkhorn_iters=spec.sinkhorn_iters, owner=owner)
         for site in sorted(stream.sites, key=lambda s: s.index):
             name = f"s{stream.id}_{site.index}"
             params = make_site(spec, stream.width, site.index, site.last, generator, dtype=dtype, device=device)
@@ -147,7 +161,7 @@ def attach(model: nn.Module, plan: Plan) -> nn.Module:
     model.add_module("hc", holder)
     handles.append(model.register_forward_hook(plain_outputs, with_kwargs=True))
     model.hc_plan = plan
-    handles.append(model.register_forward_pre_hook(MarkParameters()))
+    handles.append(model.register_forward_pre_hook(RootPreHook(), with_kwargs=True))
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         config.hc_rewrite = plan.to_dict()  # saved by save_pretrained: from_pretrained rebuilds from it
@@ -227,7 +241,7 @@ def strip(model: nn.Module) -> nn.Module:
         for hooks, kw in ((m._forward_pre_hooks, m._forward_pre_hooks_with_kwargs),
                           (m._forward_hooks, m._forward_hooks_with_kwargs)):
             for k in [k for k, h in hooks.items()
-                      if isinstance(h, (EntryHook, MarkParameters)) or h is plain_outputs]:
+                      if isinstance(h, (EntryHook, RootPreHook)) or h is plain_outputs]:
                 del hooks[k]
                 kw.pop(k, None)
     for attr in ("hc_plan", "hc_report"):

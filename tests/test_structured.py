@@ -420,3 +420,31 @@ def test_rewriting_a_rewritten_model_again_is_refused(llama):
     model, new, _ = llama
     with pytest.raises(ValueError, match="already rewritten"):
         hc_rewrite.rewrite(new, (_ids(model, 1, 6),), variant="hc")
+
+
+def test_models_sharing_an_input_tensor_keep_their_own_streams():
+    """A stream that starts at the model's input: the caller's tensor is never turned into a stream value, so
+    several rewritten models (other variants) can take the same tensor object, in any order."""
+    model = ShapeBranchNet(d=16).eval()
+    inp = torch.randn(2, 5, 8)
+    h = model.inp(inp).detach()  # a stream that starts at the input of the model below
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norms = model.norms
+            self.fcs = model.fcs
+
+        def forward(self, x):
+            for norm, fc in zip(self.norms, self.fcs):
+                x = x + fc(norm(x))
+            return x
+
+    stack = Stack().eval()
+    news = [hc_rewrite.rewrite(stack, (h,), variant=v, n=4) for v in ("frac", "mhc", "hc")]
+    with torch.no_grad():
+        ref = stack(h)
+        for _ in range(2):
+            for new in news:
+                assert rel_err(ref, new(h)) <= TOL
+    assert type(h) is torch.Tensor and not hasattr(h, "_hc_info")
