@@ -15,6 +15,7 @@ same global batch for every world size; each rank trains on its slice. Rank 0 pr
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -123,6 +124,12 @@ def main(argv=None) -> list:
         Path(args.out).write_text(json.dumps({"losses": losses, "world": world, "parallel": args.parallel,
                                               "variant": args.variant, "corpus": info}, indent=1))
     if world > 1:
+        # Free the wrapped model while the process group is still registered: a DDP reducer (or FSDP state) that
+        # outlives destroy_process_group() would destroy the gloo group on exit while holding the GIL, and gloo's
+        # worker thread, which needs the GIL to drop its last tensors, would wait for it forever.
+        dist.barrier()
+        del model, opt, loss
+        gc.collect()
         dist.destroy_process_group()
     return losses
 

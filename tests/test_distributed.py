@@ -27,7 +27,7 @@ def _run(tmp_path, name, *extra, ranks=1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", str(SCRIPT)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd + COMMON + list(extra) + ["--out", str(out)], capture_output=True, text=True,
-                          timeout=600, env=env, cwd=ROOT)
+                          timeout=240, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out.read_text())
 
