@@ -36,3 +36,14 @@ def test_without_cuda_exits_cleanly(module):
     proc = _run(module, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "no CUDA device" in proc.stdout
+
+
+def test_forms_tiny(tmp_path):
+    """benchmarks.forms (both forms vs residual, eager CPU) runs end to end and writes its rows."""
+    out = tmp_path / "forms.json"
+    proc = _run("benchmarks.forms", "--tiny", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["runs"]
+    assert {(r["variant"], r["form"]) for r in rows} == {
+        ("residual", "-"), *((v, f) for v in ("mhc", "frac", "hc") for f in ("graph", "module"))}
+    assert all(math.isfinite(r["step_ms"]) and r["step_ms"] > 0 for r in rows)
