@@ -62,6 +62,7 @@ class _Pending:
     h_res: torch.Tensor | None
     branch_in: torch.Tensor
     extra: int  # further branches still to be added (parallel blocks written (x + a) + b)
+    continued: bool = False  # a further branch of a site whose first add is done (no H_res again)
 
 
 class StreamValue(torch.Tensor):
@@ -157,9 +158,9 @@ def _widen(x: torch.Tensor, info: StreamInfo) -> torch.Tensor:
     return ops.expand_stream(x, info.n, info.spread)
 
 
-def _narrow(w: torch.Tensor, info: StreamInfo) -> torch.Tensor:
-    end = ops.merge_fractions(w) if info.variant == "frac" else ops.reduce_stream(w)
-    return _from_last(end, info)
+def _end(variant: str, w: torch.Tensor) -> torch.Tensor:
+    """The reduced stream (channels last): mean of the copies, or the fractions concatenated (Frac)."""
+    return ops.merge_fractions(w) if variant == "frac" else ops.reduce_stream(w)
 
 
 def _wide_of(x: StreamValue) -> torch.Tensor:
@@ -251,9 +252,10 @@ class EntryHook:
                               "use use_reentrant=False")
         info = self.info
         with _plain():
-            w = _tied(_wide_of(x), x) if _bound(x) and info.variant != "frac" else (
-                _wide_of(x) if _bound(x) else _widen(x, info))
-            if not _bound(x):
+            if _bound(x):
+                w = _wide_of(x) if info.variant == "frac" else _tied(_wide_of(x), x)
+            else:
+                w = _widen(x, info)
                 _mark(x, info, None if info.variant == "frac" else w, -1)
             p = self.params
             coeff_args = tuple(getattr(p, name) for name in p.coeff_inputs())
@@ -285,8 +287,7 @@ def site_pre(variant: str, iters: int, w, *coeff_args):
 def site_post(variant: str, w, y, h_post, h_res):
     """The widened stream after a site and its reduction: ``(W', end(W'))`` (channels last)."""
     w_new = ops.stream_post(w, y, h_post, h_res)
-    end = ops.merge_fractions(w_new) if variant == "frac" else ops.reduce_stream(w_new)
-    return w_new, end
+    return w_new, _end(variant, w_new)
 
 
 # ----------------------------------------------------------------------------- the site add (post)
@@ -300,8 +301,8 @@ def _post(pending: _Pending, y: torch.Tensor, x: StreamValue, first: bool) -> St
         narrow = _from_last(end, info).to(torch.promote_types(x.dtype, y.dtype))
     out = _wrap(narrow, info, None if info.variant == "frac" else w_new, pending.hook.index)
     if pending.extra > 0:
-        out._hc_pending = _Pending(pending.hook, w_new, pending.h_post, None, pending.branch_in, pending.extra - 1)
-        out._hc_pending.continued = True
+        out._hc_pending = _Pending(pending.hook, w_new, pending.h_post, None, pending.branch_in, pending.extra - 1,
+                                   continued=True)
     if first and TRACE.on:
         TRACE.added.append(pending.hook.name)
     return out
@@ -321,7 +322,7 @@ def _add(func, args, kwargs):
         if alpha != 1:
             with _plain():
                 y = y * alpha
-        first = not getattr(pending, "continued", False)
+        first = not pending.continued
         x._hc_pending = None
         if func in _INPLACE_ADD and y is a:  # y.add_(x): y is overwritten below, but post saves it for backward
             with _plain():
@@ -331,36 +332,34 @@ def _add(func, args, kwargs):
             target = a
             with _plain():
                 target.copy_(out)
-            return _mark(target, out._hc_info, out._hc_w, out._hc_index) if not out._hc_pending else _keep(target, out)
+            _mark(target, out._hc_info, out._hc_w, out._hc_index)
+            target._hc_pending = out._hc_pending
+            return target
         return out
     return NotImplemented
-
-
-def _keep(target, out):
-    _mark(target, out._hc_info, out._hc_w, out._hc_index)
-    target._hc_pending = out._hc_pending
-    return target
 
 
 # ----------------------------------------------------------------------------- stream-wise links
 _LAST_DROP = ["none"]
 
 
-def _link(func, args, kwargs, wide_fn, narrow_fn=None):
+def _link(func, args, kwargs, wide_fn, narrow_from_wide=False):
+    """``func`` on a stream value: ``wide_fn(W, narrow)`` gives the new ``W``. The narrow result is ``func``'s
+    own (equal to the reduction of the new ``W`` for the lifted ops), or, with ``narrow_from_wide``, that
+    reduction (dropout: independent masks per copy). Frac needs no ``W``: the narrow value is the stream."""
     x = args[0] if args else None
     if not _bound(x) or x._hc_pending is not None:
         return NotImplemented
     info = x._hc_info
     with _plain():
-        narrow = func(*args, **kwargs) if narrow_fn is None else narrow_fn()
         if info.variant == "frac":
-            w_new = None
-        else:
-            w_new = wide_fn(x._hc_w, narrow)
-            if w_new is NotImplemented:
-                return NotImplemented
-            if narrow_fn is not None:
-                narrow = _narrow(w_new, info)
+            return _wrap(func(*args, **kwargs), info, None, x._hc_index)
+        narrow = None if narrow_from_wide else func(*args, **kwargs)
+        w_new = wide_fn(x._hc_w, narrow)
+        if w_new is NotImplemented:
+            return NotImplemented
+        if narrow_from_wide:
+            narrow = _from_last(_end(info.variant, w_new), info)
     return _wrap(narrow, info, w_new, x._hc_index)
 
 
@@ -374,9 +373,7 @@ def _dropout(func, args, kwargs):
         raise StreamError("in-place dropout on a residual stream value is not supported")
     if not training or p == 0:
         return x
-    if x._hc_info.variant == "frac":
-        return _link(func, args, kwargs, None)
-    return _link(func, args, kwargs, lambda w, _n: F.dropout(w, p, True), narrow_fn=lambda: None)
+    return _link(func, args, kwargs, lambda w, _n: F.dropout(w, p, True), narrow_from_wide=True)
 
 
 def _layer_norm(func, args, kwargs):
@@ -428,7 +425,7 @@ _INPLACE_OTHER = {
     torch.Tensor.zero_, torch.Tensor.fill_,
 }
 _HANDLERS = {f: _add for f in [*_ADD_FUNCS, *_INPLACE_ADD]}
-_HANDLERS.update({f: _dropout for f in (F.dropout, torch.dropout, torch.Tensor.dropout if hasattr(torch.Tensor, "dropout") else F.dropout)})
+_HANDLERS.update({f: _dropout for f in (F.dropout, torch.dropout)})
 _HANDLERS.update({f: _layer_norm for f in (F.layer_norm, torch.layer_norm)})
 _HANDLERS.update({f: _relu for f in (F.relu, torch.relu, torch.Tensor.relu, torch.Tensor.relu_, torch.relu_)})
 _HANDLERS.update({f: _cast for f in (torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16,

@@ -146,7 +146,6 @@ def attach(model: nn.Module, plan: Plan) -> nn.Module:
     dtype, device = _dtype_device(model)
     generator = torch.Generator().manual_seed(plan.seed)
     holder = nn.Module()
-    handles = []
     owner = _Owner()
     for stream in plan.streams:
         info = StreamInfo(id=stream.id, width=stream.width, feature_dim=stream.feature_dim, variant=spec.variant,
@@ -157,11 +156,11 @@ def attach(model: nn.Module, plan: Plan) -> nn.Module:
             holder.add_module(name, params)
             hook = EntryHook(info, site.index, site.name, params, site.extra)
             for path in site.entries:
-                handles.append(model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
+                model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True)
     model.add_module("hc", holder)
-    handles.append(model.register_forward_hook(plain_outputs, with_kwargs=True))
+    model.register_forward_hook(plain_outputs, with_kwargs=True)
     model.hc_plan = plan
-    handles.append(model.register_forward_pre_hook(RootPreHook(), with_kwargs=True))
+    model.register_forward_pre_hook(RootPreHook(), with_kwargs=True)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         config.hc_rewrite = plan.to_dict()  # saved by save_pretrained: from_pretrained rebuilds from it
