@@ -11,6 +11,7 @@ from .errors import NoResidualStreamError, NotAModuleError, StructureError
 from .passes import (
     find_residual_sites,
     group_residual_streams,
+    infer_feature_axes,
     insert_hyper_connections,
     place_sites_on_modules,
     remove_metadata_asserts,
@@ -59,7 +60,7 @@ def _analyse(model, example_inputs, example_kwargs, spec: HCSpec):
     remove_metadata_asserts(gm, recompile=False)
     restore_dropout_modules(gm, recompile=False)
     restore_batch_norm_modules(gm, recompile=False)
-    sites = find_residual_sites(gm)
+    sites = infer_feature_axes(gm, find_residual_sites(gm))
     streams = group_residual_streams(gm, sites)
     for stream in streams:
         spec.check_width(stream.width, f"residual stream {stream.id} (expanded at {stream.root.name})")
@@ -69,7 +70,7 @@ def _analyse(model, example_inputs, example_kwargs, spec: HCSpec):
 def _report(model, spec, captured, sites, streams, form, new_parameters, init_rel_err=None) -> RewriteReport:
     return RewriteReport(
         model=type(model).__name__, variant=spec.variant, n=spec.n, dynamic=spec.dynamic,
-        capture=captured.method, form=form, init_rel_err=init_rel_err,
+        capture=captured.method, form=form, init_rel_err=init_rel_err, shapes=captured.shapes,
         streams=[
             StreamReport(id=s.id, width=s.width, sites=len(s.sites), start=s.root.name,
                          layout="channels-first" if s.feature_dim == 1 else "channels-last",

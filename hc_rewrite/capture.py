@@ -8,9 +8,14 @@ deep copy, so the rewritten module owns its own parameters.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
-from dataclasses import dataclass, field
+import tempfile
+import os
+import sys
+import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -20,12 +25,16 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .errors import CaptureError, NotAModuleError
 
 
+class StaticShapesWarning(UserWarning):
+    """The capture is specialised to the example's shapes (see ``Captured.shapes``)."""
+
+
 @dataclass
 class Captured:
     gm: fx.GraphModule
     method: str
     binder: "InputBinder | None" = None
-    tried: list = field(default_factory=list)
+    shapes: str = "dynamic"  # or "static shapes: <why>" when the graph is specialised to the example's shapes
 
 
 class InputBinder:
@@ -96,15 +105,16 @@ def _forward_signature(model) -> inspect.Signature:
 
 
 def _auto_dynamic_shapes(args, kwargs):
-    """Every dim of every tensor input ``Dim.AUTO``: export keeps what the model allows dynamic."""
-    from torch.export import Dim
+    """``dynamic_shapes`` for ``torch.export``: every dim of every tensor input ``Dim.AUTO`` (export keeps what
+    the model allows dynamic). Keyed by tensor (a ``ShapesCollection``), so export lays it out along the
+    forward's own signature, ``**kwargs`` catch-alls and decorated HF forwards included."""
+    from torch.export import Dim, ShapesCollection
 
-    def spec(x):
+    shapes = ShapesCollection()
+    for x in pytree.tree_leaves((tuple(args), dict(kwargs))):
         if isinstance(x, torch.Tensor):
-            return {i: Dim.AUTO for i in range(x.dim())}
-        return None
-
-    return pytree.tree_map(spec, tuple(args)), pytree.tree_map(spec, dict(kwargs))
+            shapes[x] = {i: Dim.AUTO for i in range(x.dim())}
+    return shapes
 
 
 def prepare_kwargs(model, kwargs) -> dict:
@@ -119,16 +129,17 @@ def prepare_kwargs(model, kwargs) -> dict:
     return kwargs
 
 
-def _export(model, args, kwargs) -> fx.GraphModule:
-    dyn_args, dyn_kwargs = _auto_dynamic_shapes(args, kwargs)
-    sig = _forward_signature(model)
-    names = list(sig.parameters)
-    dynamic_shapes = {names[i]: d for i, d in enumerate(dyn_args)}
-    dynamic_shapes.update(dyn_kwargs)
+def _export(model, args, kwargs, notes: list, sink) -> fx.GraphModule:
     try:
-        ep = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception:  # dynamic shapes can fail where static ones work: retry specialised
-        ep = torch.export.export(model, tuple(args), kwargs, strict=False)
+        with _quiet(sink):
+            ep = torch.export.export(model, tuple(args), kwargs,
+                                     dynamic_shapes=_auto_dynamic_shapes(args, kwargs), strict=False)
+    except Exception as e:  # noqa: BLE001 - dynamic shapes can fail where static ones work: say so, then retry
+        why = _first_line(e)
+        with _quiet(sink):
+            ep = torch.export.export(model, tuple(args), kwargs, strict=False)
+        notes.append(f"static shapes: the dynamic-shape capture failed ({type(e).__name__}: {why}); the graph is "
+                     "specialised to the example's shapes")
     unlifted = ep.module()
     gm = fx.GraphModule(unlifted, copy.deepcopy(unlifted.graph), class_name=type(model).__name__ + "HC")
     for attr in ("_in_spec", "_out_spec"):
@@ -137,6 +148,51 @@ def _export(model, args, kwargs) -> fx.GraphModule:
     gm.meta = dict(getattr(unlifted, "meta", {}))
     _keep_non_persistent_buffers(model, gm)
     return gm
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+class _Unclosable:
+    """``sys.stderr`` stand-in writing to the sink; code under capture that closes stderr does not close it."""
+
+    def __init__(self, sink):
+        self._sink = sink
+
+    def write(self, text):
+        return self._sink.write(text)
+
+    def flush(self):
+        self._sink.flush()
+
+    def fileno(self):
+        return self._sink.fileno()
+
+    def isatty(self):
+        return False
+
+    def close(self):
+        pass
+
+
+@contextlib.contextmanager
+def _quiet(sink):
+    """Keep what torch prints and logs while capturing (a failed export dumps whole graphs to stderr) in the
+    file ``sink``, for a short excerpt in the error instead of thousands of lines on the user's terminal. Both
+    ``sys.stderr`` and file descriptor 2 are redirected: torch's log handlers hold their own stderr reference."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(sink.fileno(), 2)
+    try:
+        with contextlib.redirect_stderr(_Unclosable(sink)):
+            yield
+    finally:
+        sys.stderr.flush()
+        sink.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _keep_non_persistent_buffers(model: torch.nn.Module, gm: fx.GraphModule) -> None:
@@ -154,18 +210,22 @@ def _keep_non_persistent_buffers(model: torch.nn.Module, gm: fx.GraphModule) -> 
                 target._non_persistent_buffers_set.add(name)
 
 
-def _symbolic_trace(model, args, kwargs) -> fx.GraphModule:
+def _symbolic_trace(model, args, kwargs, notes: list, sink) -> fx.GraphModule:
     concrete = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
-    gm = fx.symbolic_trace(model, concrete_args=concrete or None)
+    with _quiet(sink):
+        gm = fx.symbolic_trace(model, concrete_args=concrete or None)
     tensor_kwargs = [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
     ShapeProp(gm).propagate(*args, *tensor_kwargs)
+    notes.append("static shapes: torch.fx.symbolic_trace records the example's shapes")
     return gm
 
 
 def capture(model: torch.nn.Module, args, kwargs=None) -> Captured:
     """Capture ``model(*args, **kwargs)`` as an FX graph (see module docstring).
 
-    Raises :class:`CaptureError` naming every capture path tried and why each failed.
+    A capture that ends up with static shapes (the dynamic-shape export failed, or only ``symbolic_trace``
+    worked) says so in ``Captured.shapes`` and with a :class:`StaticShapesWarning`. Raises :class:`CaptureError`
+    naming every capture path tried and why each failed, with an excerpt of what torch printed.
     """
     if not isinstance(model, torch.nn.Module):
         raise NotAModuleError(f"expected an nn.Module, got {type(model).__name__}: nothing was captured")
@@ -174,19 +234,31 @@ def capture(model: torch.nn.Module, args, kwargs=None) -> Captured:
     kwargs = prepare_kwargs(model, kwargs)
     training = model.training
     model = copy.deepcopy(model).eval()  # capture in eval mode; the passes restore train/eval switches
-    tried = []
+    tried, sink = [], tempfile.TemporaryFile("w+")
     for name, fn in (("torch.export (non-strict)", _export), ("torch.fx.symbolic_trace", _symbolic_trace)):
+        notes: list = []
         try:
             with torch.no_grad():
-                gm = fn(model, tuple(args), kwargs)
+                gm = fn(model, tuple(args), kwargs, notes, sink)
         except Exception as e:  # noqa: BLE001 - every failure is reported below
-            tried.append(f"{name}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+            tried.append(f"{name}: {type(e).__name__}: {_first_line(e)}")
             continue
         binder = None
         if name.startswith("torch.export"):
             binder = InputBinder(_forward_signature(model), args, kwargs)
         gm.train(training)
-        return Captured(gm=gm, method=name, binder=binder, tried=tried)
+        shapes = notes[0] if notes else "dynamic"
+        if tried:
+            shapes = f"{shapes} ({'; '.join(tried)})" if notes else shapes
+        if notes:
+            warnings.warn(f"{type(model).__name__}: {shapes}", StaticShapesWarning, stacklevel=3)
+        return Captured(gm=gm, method=name, binder=binder, shapes=shapes)
+    sink.seek(0)
+    printed = [line for line in sink.read().splitlines() if line.strip()]
+    excerpt = ""
+    if printed:
+        excerpt = (f"\n  torch printed {len(printed)} lines while trying; the last ones:\n    "
+                   + "\n    ".join(line[:200] for line in printed[-8:]))
     raise CaptureError(
-        f"could not capture {type(model).__name__} as an FX graph; tried:\n  " + "\n  ".join(tried)
+        f"could not capture {type(model).__name__} as an FX graph; tried:\n  " + "\n  ".join(tried) + excerpt
     )

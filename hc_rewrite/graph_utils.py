@@ -22,6 +22,7 @@ COMPUTE_TARGETS = {
     aten.linear.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
     aten.convolution.default, aten.conv_transpose1d.default, aten.conv_transpose2d.input,
     aten.scaled_dot_product_attention.default, aten.einsum.default, aten._convolution.default,
+    aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding, aten.conv_transpose3d.input,
     torch.matmul, torch.bmm, torch.mm, torch.einsum, torch.nn.functional.linear,
     torch.nn.functional.conv1d, torch.nn.functional.conv2d,
     torch.nn.functional.scaled_dot_product_attention,
@@ -38,6 +39,17 @@ VIEW_TARGETS = {aten.view.default, aten.reshape.default, aten._unsafe_view.defau
 CONV_TARGETS = {
     aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
     aten._convolution.default, torch.nn.functional.conv1d, torch.nn.functional.conv2d,
+    # string padding ("same" / "valid", EfficientNet style) is another overload
+    aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding, torch.nn.functional.conv3d,
+    aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input,
+}
+#: Ops that mix values over positions, every channel alike: computation, not an elementwise tweak (PoolFormer's
+#: token mixer ``pool(x) - x``)
+POOL_TARGETS = {
+    aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default, aten.max_pool1d.default,
+    aten.max_pool2d.default, aten.max_pool3d.default, aten.adaptive_avg_pool1d.default,
+    aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool3d.default, torch.nn.functional.avg_pool2d,
+    torch.nn.functional.max_pool2d, torch.nn.functional.adaptive_avg_pool2d,
 }
 DROPOUT_TARGETS = {aten.dropout.default, torch.nn.functional.dropout}
 
@@ -78,6 +90,31 @@ def shape_key(node) -> tuple | None:
     return tuple(str(d) for d in shape)
 
 
+def hint(size) -> int:
+    """The example's value of a (possibly symbolic) size."""
+    if isinstance(size, int):
+        return size
+    node = getattr(size, "node", None)
+    value = getattr(node, "hint", None)
+    if value is None:
+        from torch.fx.experimental.symbolic_shapes import hint_int
+
+        return hint_int(size)
+    return int(value)
+
+
+def same_shape(a, b) -> bool:
+    """Whether two tensor-valued nodes have the same shape. Symbolic sizes that differ in spelling
+    (``(s1//4)*(s2//4)`` and a longer expression of the same value) are equal when their example values are:
+    this is only asked of the operands of an add, and an add of two different sizes that are not 1 fails, so
+    equal example values cannot turn into a broadcast at other shapes without the original model failing too."""
+    va, vb = (val(x) if isinstance(x, fx.Node) else None for x in (a, b))
+    sa, sb = getattr(va, "shape", None), getattr(vb, "shape", None)
+    if sa is None or sb is None or len(sa) != len(sb):
+        return False
+    return all(str(x) == str(y) or hint(x) == hint(y) for x, y in zip(sa, sb))
+
+
 def is_float_tensor(node) -> bool:
     v = val(node) if isinstance(node, fx.Node) else None
     dt = getattr(v, "dtype", None)
@@ -112,9 +149,12 @@ def add_alpha(node: fx.Node):
 
 def is_compute(node: fx.Node, gm: fx.GraphModule | None = None) -> bool:
     if node.op == "call_function":
-        return node.target in COMPUTE_TARGETS
+        return node.target in COMPUTE_TARGETS or node.target in POOL_TARGETS
     if node.op == "call_module" and gm is not None:
         mod = gm.get_submodule(node.target)
+        if isinstance(mod, (torch.nn.modules.pooling._AvgPoolNd, torch.nn.modules.pooling._MaxPoolNd,
+                            torch.nn.modules.pooling._AdaptiveAvgPoolNd)):
+            return True
         return any(True for _ in mod.parameters(recurse=True))
     return node.op == "call_method" and node.target in {"matmul", "mm", "bmm"}
 

@@ -38,6 +38,7 @@ class RewriteReport:
     new_parameters: int = 0
     form: str = "module"  # "module": the user's model with hooks; "graph": one flat GraphModule
     init_rel_err: float | None = None  # module form: measured at rewrite time on the example call
+    shapes: str = "dynamic"  # the capture's shapes: "dynamic", or "static shapes: <why>" (specialised to the example)
 
     @property
     def rewritten(self) -> list:
@@ -76,6 +77,8 @@ class RewriteReport:
             f"{self.new_parameters:,} new parameters"
             + ("" if self.init_rel_err is None else f"; checked against the original: rel. error {self.init_rel_err:.1e}"),
         ]
+        if self.shapes != "dynamic":
+            lines.append(f"  capture: {self.shapes}")
         for st in self.streams:
             readers = ", ".join(st.ends) if st.ends else "-"
             lines.append(f"  stream {st.id}: width {st.width} ({st.layout}), {st.sites} site(s), "

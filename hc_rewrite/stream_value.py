@@ -50,6 +50,7 @@ class StreamInfo:
     spread: float
     sinkhorn_iters: int
     owner: object = None  # one token per rewritten model: stream values of other models are not ours
+    rank: int = 0  # rank of the stream tensor (0: unknown)
 
 
 @dataclass
@@ -225,9 +226,13 @@ class EntryHook:
                 "stream, or an op on the stream the rewrite does not carry")
         width = self.info.width
         fdim = self.info.feature_dim
+        rank = self.info.rank
         cands = [i for i, v in enumerate(leaves)
                  if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() >= 2
+                 and (not rank or v.dim() == rank)
                  and v.shape[fdim] == width and not (_bound(v) and v._hc_info.owner is self.info.owner)]
+        if len({id(leaves[i]) for i in cands}) == 1:
+            cands = cands[:1]  # one tensor passed twice (DeBERTa: hidden_states and query_states)
         if len(cands) != 1:
             raise StreamError(
                 f"{self._describe()}: cannot tell which input of its entry module is the residual stream "

@@ -18,6 +18,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .connections import expand_spread, make_site
+from .graph_utils import val
 from .spec import HCSpec
 from .stream_value import EntryHook, StreamInfo, plain_outputs
 
@@ -80,6 +81,7 @@ class PlannedStream:
     width: int
     feature_dim: int
     sites: list = field(default_factory=list)
+    rank: int = 0  # rank of the stream tensor (0: not recorded, plans saved before it was)
 
 
 @dataclass
@@ -123,7 +125,8 @@ def build_plan(spec: HCSpec, streams, placements) -> Plan:
     where = {p.site: p for p in placements}
     plan = Plan(spec.variant, spec.n, spec.dynamic, spec.sinkhorn_iters, spec.seed)
     for stream in streams:
-        ps = PlannedStream(id=stream.id, width=stream.width, feature_dim=stream.feature_dim)
+        ps = PlannedStream(id=stream.id, width=stream.width, feature_dim=stream.feature_dim,
+                           rank=len(val(stream.root).shape))
         for site in stream.sites:
             p = where[site]
             ps.sites.append(PlannedSite(name=site.name, index=site.index, entries=list(p.entries), owner=p.owner,
@@ -148,7 +151,8 @@ def attach(model: nn.Module, plan: Plan) -> nn.Module:
     holder = nn.Module()
     owner = _Owner()
     for stream in plan.streams:
-        info = StreamInfo(id=stream.id, width=stream.width, feature_dim=stream.feature_dim, variant=spec.variant,
+        info = StreamInfo(id=stream.id, width=stream.width, feature_dim=stream.feature_dim, rank=stream.rank,
+                          variant=spec.variant,
                           n=spec.n, spread=expand_spread(spec), sinkhorn_iters=spec.sinkhorn_iters, owner=owner)
         for site in sorted(stream.sites, key=lambda s: s.index):
             name = f"s{stream.id}_{site.index}"

@@ -9,7 +9,9 @@ import hc_rewrite
 from hc_rewrite.zoo import ZOO
 
 VARIANTS = ["mhc", "frac", "hc"]
-NAMES = sorted(ZOO)
+#: the graph form over the zoo (the default form is checked over the whole zoo in test_structured_zoo); Swin's
+#: dynamic-shape capture alone takes about a minute, so it is checked in the default form only
+NAMES = sorted(set(ZOO) - {"swin"})
 
 
 def _main(out):
@@ -34,6 +36,10 @@ def test_zoo_model_rewritten_and_equivalent(name):
     a2, k2 = entry.inputs(generator=torch.Generator().manual_seed(123))
     with torch.no_grad():
         assert _rel(_main(new(*a2, **k2)), _main(model(*a2, **k2))) <= 1e-5
+    new.train()
+    _main(new(*a2, **k2)).float().pow(2).mean().backward()
+    dead = [n for n, p in new.hc.named_parameters() if p.grad is None]
+    assert not dead, f"connection parameters that never enter the graph: {dead}"
 
 
 EXPECTED = {
@@ -46,7 +52,24 @@ EXPECTED = {
     "falcon": (1, 2, {"parallel"}),
     "resnet": (2, 3, {"conv"}),
     "convnext": (2, 4, {"conv"}),
+    # round 2: the feature axis from the data flow, side inputs, symbolic shapes, pooling
+    "wav2vec2": (1, 5, {"pre-norm"}),  # x + pos_conv(x) joins the token stream (was width = sequence length)
+    "convbert": (1, 4, {"post-norm"}),  # a conv in the attention branch
+    "mpnet": (1, 4, {"post-norm"}),  # the shared position bias is not a stream
+    "deberta_v2": (1, 4, {"post-norm"}),
+    "pvt_v2": (2, 4, {"pre-norm"}),  # depthwise conv in the MLP: still channels-last
+    "segformer": (2, 4, {"pre-norm"}),
+    "poolformer": (2, 4, {"conv"}),  # x + (pool(x) - x) is a residual
+    "convnext4": (4, 4, {"conv"}),  # last stage [B, C, 1, 1] at the example size
+    "efficientnet": (3, 3, {"conv"}),  # padding="same" convolutions
+    "unet_attention": (3, 7, {"conv"}),
+    "convffn_transformer": (1, 5, {"pre-norm"}),
+    "shared_bias_transformer": (1, 6, {"pre-norm"}),
+    "mlp_mixer": (1, 4, {"pre-norm"}),
 }
+LAYOUT = {"wav2vec2": "channels-last", "convbert": "channels-last", "pvt_v2": "channels-last",
+          "segformer": "channels-last", "convffn_transformer": "channels-last", "mlp_mixer": "channels-last",
+          "unet_attention": "channels-first"}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -60,6 +83,10 @@ def test_streams_sites_and_kinds(name):
     assert {s.kind for s in rep.sites} == kinds
     if "conv" in kinds:
         assert {st.layout for st in rep.streams} == {"channels-first"}
+    if name in LAYOUT:
+        assert {st.layout for st in rep.streams} == {LAYOUT[name]}
+    widths = {st.width for st in rep.streams}
+    assert all(w in (8, 16, 24, 32, 40, 48, 64) for w in widths), widths  # hidden sizes, never a length
 
 
 def test_resnet_shape_changing_shortcut_ends_the_stream():

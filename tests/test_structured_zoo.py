@@ -1,6 +1,7 @@
 """The default (structure-preserving) form over the whole zoo: every architecture keeps its class, every site
-found is rewritten, the model is exact at a batch size and sequence length it was not captured at, and every
-connection parameter gets a gradient from one backward pass (no dead parameters)."""
+found is rewritten, the model is exact at a batch size and sequence length / image size it was not captured at
+(``ZooEntry.other``), and every connection parameter gets a gradient from one backward pass (no dead
+parameters)."""
 from __future__ import annotations
 
 import pytest
@@ -20,7 +21,7 @@ def test_zoo_model_in_the_structure_preserving_form(name, zoo_model):
     rep = new.hc_report
     assert type(new) is type(model) and rep.form == "module"
     assert rep.sites and not rep.refused, rep
-    a2, k2 = inputs(name, FRESH_SEED, batch=3, seq=12)
+    a2, k2 = ZOO[name].other_inputs(torch.Generator().manual_seed(FRESH_SEED))
     with torch.no_grad():
         assert rel_err(main_output(model(*a2, **k2)), main_output(new(*a2, **k2))) <= 1e-5
     new.train()

@@ -3,6 +3,7 @@ from .remove_metadata_asserts import remove_metadata_asserts
 from .restore_dropout_modules import restore_dropout_modules
 from .restore_batch_norm_modules import restore_batch_norm_modules
 from .find_residual_sites import find_residual_sites
+from .infer_feature_axes import infer_feature_axes
 from .group_residual_streams import group_residual_streams
 from .insert_hyper_connections import insert_hyper_connections
 from .place_sites_on_modules import place_sites_on_modules
@@ -13,6 +14,7 @@ __all__ = [
     "restore_dropout_modules",
     "restore_batch_norm_modules",
     "find_residual_sites",
+    "infer_feature_axes",
     "group_residual_streams",
     "insert_hyper_connections",
     "place_sites_on_modules",

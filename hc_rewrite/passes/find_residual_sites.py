@@ -14,8 +14,17 @@ After: the graph is unchanged; the pass returns one :class:`~hc_rewrite.sites.Si
 * and the nodes between them hold a real computation (matmul, linear, conv, attention): an elementwise
   tweak such as GELU's ``x + 0.044715 * x**3`` is not a residual branch.
 
-A site whose branch holds a convolution on a tensor of rank >= 3 is ``channel_first`` (conv nets:
-``[B, C, H, W]``, the stream's feature dim is 1).
+* and the skip is the value the branch was computed from, not a side input that reaches it through other
+  residual computations: MPNet / T5 / DeBERTa add one position bias, computed once, to the attention scores of
+  every layer (``scores += position_bias``); the bias is an ancestor of layer 2's scores, but only through
+  layer 1's residual sites. A candidate whose branch contains the add of a site accepted before it (graph
+  order) is therefore not a site of the skip's stream: it is a side-input add and is dropped, unless it wraps
+  sites of its own skip (a residual around residual blocks): then it is kept, refused, and its inner sites are
+  the stream.
+
+Symbolic sizes of the two operands are compared by their example values (:func:`~hc_rewrite.graph_utils.same_shape`):
+Swin's window-attention branch spells ``(s1//4)*(s2//4)`` as a longer expression of the same value.
+The feature axis of each site is inferred afterwards (:mod:`~hc_rewrite.passes.infer_feature_axes`).
 
 Parallel blocks written ``(x + attn(ln1(x))) + mlp(ln2(x))`` make one site with two branches: an add
 of a site's output (read by nothing else) and a further real computation of the same skip that does not
@@ -30,8 +39,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..graph_utils import (
-    add_alpha, data_inputs, data_users, is_add, is_compute, is_conv, is_float_tensor, module_path, shape_key,
-    topo_index, val,
+    add_alpha, data_inputs, data_users, is_add, is_compute, is_float_tensor, module_path, same_shape, topo_index,
 )
 from ..sites import Site
 
@@ -83,8 +91,7 @@ def find_residual_sites(gm: fx.GraphModule) -> list[Site]:
             continue
         if not (is_float_tensor(a) and is_float_tensor(b)):
             continue
-        out_shape = shape_key(node)
-        if out_shape is None or shape_key(a) != out_shape or shape_key(b) != out_shape:
+        if not (same_shape(a, node) and same_shape(b, node)):
             continue
         if index[a] < index[b]:
             early, late = a, b
@@ -101,14 +108,32 @@ def find_residual_sites(gm: fx.GraphModule) -> list[Site]:
         site = Site(
             add=node, skip=skip, branch=branch, module=module_path(node),
             branch_module=_branch_module(region, gm), region=region,
-            channel_first=len(val(node).shape) >= 3 and any(is_conv(n, gm) for n in region),
         )
         alpha = add_alpha(node)
         if alpha != 1 and skip is node.args[1]:
             site.reason = f"the skip is scaled by alpha={alpha} (branch + alpha*skip), not a residual add"
         site.alpha = alpha
         sites.append(site)
-    return _merge_parallel_branches(gm, sites, index)
+    return _drop_side_input_adds(_merge_parallel_branches(gm, sites, index))
+
+
+def _drop_side_input_adds(sites: list[Site]) -> list[Site]:
+    """See the module docstring: candidates whose branch runs through an accepted site's add. In graph order,
+    so that a real site whose branch holds a side-input add (``scores += position_bias``) is not taken for one:
+    only adds of sites already accepted count."""
+    accepted, kept = {}, []
+    for site in sites:
+        inside = [a for a in accepted if a in site.region]
+        if not inside:
+            for add in (site.add, *site.merged):
+                accepted[add] = site
+            kept.append(site)
+        elif any(accepted[a].skip is site.skip for a in inside):
+            names = ", ".join(a.name for a in inside[:4])
+            site.reason = (f"a residual around residual blocks: its branch contains the residual site(s) {names} "
+                           "of the same skip, which are rewritten instead")
+            kept.append(site)
+    return kept
 
 
 def _merge_parallel_branches(gm: fx.GraphModule, sites: list[Site], index: dict) -> list[Site]:
@@ -121,7 +146,7 @@ def _merge_parallel_branches(gm: fx.GraphModule, sites: list[Site], index: dict)
             site = by_add.get(out)
             if site is None or site.reason or len(out.users) != 1 or not isinstance(other, fx.Node):
                 continue
-            if shape_key(other) != shape_key(out):
+            if not same_shape(other, out):
                 continue
             back = _ancestors_within(other, index[site.skip], index)
             if site.skip not in back or out in back:

@@ -1,0 +1,89 @@
+"""Capture: never a silent fall-back to static shapes, and a failed capture is one clear error, not thousands of
+lines of graph on the terminal."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import hc_rewrite
+from hc_rewrite.capture import StaticShapesWarning, capture
+from hc_rewrite.errors import CaptureError
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+class DataDependentLoop(Residual):
+    """Branches on the data after every layer: neither export nor symbolic_trace can capture it."""
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+            if x.sum() > 0:
+                x = x * 2
+        return x
+
+
+def test_dynamic_capture_is_dynamic_and_silent():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StaticShapesWarning)
+        captured = capture(Residual().eval(), (torch.randn(2, 5, 16),))
+    assert captured.shapes == "dynamic"
+    sizes = [str(d) for d in next(n for n in captured.gm.graph.nodes if n.op == "placeholder"
+                                  and n.name.startswith("x")).meta["val"].shape]
+    assert sizes[-1] == "16" and not sizes[0].isdigit() and not sizes[1].isdigit()
+
+
+def test_failed_dynamic_capture_warns_and_says_so_in_the_report(monkeypatch):
+    real = torch.export.export
+
+    def no_dynamic(*args, dynamic_shapes=None, **kwargs):
+        if dynamic_shapes is not None:
+            raise RuntimeError("Constraints violated (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", no_dynamic)
+    model, x = Residual().eval(), torch.randn(2, 5, 16)
+    with pytest.warns(StaticShapesWarning, match="Constraints violated"):
+        new = hc_rewrite.rewrite(model, (x,), form="graph")
+    rep = new.hc_report
+    assert rep.shapes.startswith("static shapes") and "Constraints violated" in rep.shapes
+    assert "capture: static shapes" in str(rep)
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), model(x))
+    with pytest.raises(Exception, match="[Gg]uard"):
+        new(torch.randn(3, 5, 16))  # specialised, and says so when called outside it
+
+
+def test_symbolic_trace_fallback_is_static_and_warns(monkeypatch):
+    import hc_rewrite.capture as cap
+
+    def no_export(*a, **k):
+        raise RuntimeError("export disabled for this test")
+
+    monkeypatch.setattr(cap, "_export", no_export)
+    with pytest.warns(StaticShapesWarning, match="symbolic_trace"):
+        captured = capture(Residual().eval(), (torch.randn(2, 5, 16),))
+    assert captured.method == "torch.fx.symbolic_trace" and captured.shapes.startswith("static shapes")
+
+
+def test_failed_capture_is_one_error_not_a_graph_dump(capfd):
+    model, x = DataDependentLoop().eval(), torch.randn(2, 5, 16)
+    with pytest.raises(CaptureError) as info:
+        hc_rewrite.rewrite(model, (x,))
+    out, err = capfd.readouterr()
+    assert len(err.splitlines()) < 3 and "def forward" not in err  # nothing dumped on the terminal
+    msg = str(info.value)
+    assert "torch.export (non-strict)" in msg and "torch.fx.symbolic_trace" in msg
+    assert "torch printed" in msg and len(msg.splitlines()) < 20  # a short excerpt, in the error
