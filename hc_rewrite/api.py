@@ -160,7 +160,7 @@ def _run_module(model, example_inputs, example_kwargs, spec: HCSpec):
     reference = captured.gm.eval()
     reference.recompile()  # the passes above leave recompiling to their last user
     with torch.no_grad():
-        ref_out = reference(*args, **kwargs)
+        ref_out = reference(*args, **{k: v for k, v in kwargs.items() if k not in captured.baked})
     while True:
         streams, placements = _place(captured.gm, sites, streams)
         if not streams:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import tempfile
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -35,6 +36,7 @@ class Captured:
     method: str
     binder: "InputBinder | None" = None
     shapes: str = "dynamic"  # or "static shapes: <why>" when the graph is specialised to the example's shapes
+    baked: dict = field(default_factory=dict)  # keyword constants bound into the graph (not among its inputs)
 
 
 class InputBinder:
@@ -45,11 +47,12 @@ class InputBinder:
     an input the capture never saw, is a clear error instead of a wrong result.
     """
 
-    def __init__(self, signature: inspect.Signature, args, kwargs):
+    def __init__(self, signature: inspect.Signature, args, kwargs, baked=()):
         self.signature = signature
         bound = signature.bind(*args, **kwargs)
         self.positional = [name for name, _ in zip(signature.parameters, args)]
-        self.keywords = list(kwargs)
+        self.baked = set(baked)  # constants baked into the graph: checked, not passed on
+        self.keywords = [k for k in kwargs if k not in self.baked]
         self.constants = {
             k: v for k, v in self._flat(bound).items()
             if not isinstance(v, torch.Tensor) and _is_leafy_constant(v)
@@ -75,7 +78,7 @@ class InputBinder:
         except TypeError as e:
             raise TypeError(f"rewritten module called with arguments that do not fit the original forward: {e}")
         given = self._flat(bound)
-        expected = set(self.positional) | set(self.keywords)
+        expected = set(self.positional) | set(self.keywords) | self.baked
         for name, value in given.items():
             if name not in expected and value is not None and value is not self._default(name):
                 raise TypeError(
@@ -88,7 +91,7 @@ class InputBinder:
                     f"{name}={given[name]!r} differs from the captured constant {name}={value!r}; "
                     "the graph was specialised to it"
                 )
-        missing = [n for n in expected if n not in given and n not in self.constants]
+        missing = [n for n in expected - self.baked if n not in given and n not in self.constants]
         if missing:
             raise TypeError(f"missing input(s) {missing} that the captured graph reads")
         new_args = tuple(given.get(n, self.constants.get(n)) for n in self.positional)
@@ -127,6 +130,21 @@ def prepare_kwargs(model, kwargs) -> dict:
     if "use_cache" in params and "use_cache" not in kwargs:
         kwargs["use_cache"] = False
     return kwargs
+
+
+def _bake_catch_all_constants(model, kwargs: dict) -> tuple[dict, dict]:
+    """``(kwargs, baked)``: non-tensor constants that the forward collects through ``**kwargs``
+    (``output_hidden_states=True`` in HF 5.x) are bound into ``model.forward`` (a ``functools.partial`` on the
+    capture's own copy) instead of passed to export, whose dynamic-shape constraints mishandle variadic keywords
+    in torch 2.13. The graph is specialised to them, as to any non-tensor constant."""
+    params = _forward_signature(model).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return kwargs, {}
+    baked = {k: v for k, v in kwargs.items()
+             if k not in params and not isinstance(v, torch.Tensor) and _is_leafy_constant(v)}
+    if baked:
+        model.forward = functools.partial(model.forward, **baked)
+    return {k: v for k, v in kwargs.items() if k not in baked}, baked
 
 
 def _export(model, args, kwargs, notes: list, sink) -> fx.GraphModule:
@@ -234,6 +252,8 @@ def capture(model: torch.nn.Module, args, kwargs=None) -> Captured:
     kwargs = prepare_kwargs(model, kwargs)
     training = model.training
     model = copy.deepcopy(model).eval()  # capture in eval mode; the passes restore train/eval switches
+    signature = _forward_signature(model)
+    kwargs, baked = _bake_catch_all_constants(model, kwargs)
     tried, sink = [], tempfile.TemporaryFile("w+")
     for name, fn in (("torch.export (non-strict)", _export), ("torch.fx.symbolic_trace", _symbolic_trace)):
         notes: list = []
@@ -245,14 +265,14 @@ def capture(model: torch.nn.Module, args, kwargs=None) -> Captured:
             continue
         binder = None
         if name.startswith("torch.export"):
-            binder = InputBinder(_forward_signature(model), args, kwargs)
+            binder = InputBinder(signature, args, dict(kwargs, **baked), baked=baked)
         gm.train(training)
         shapes = notes[0] if notes else "dynamic"
         if tried:
             shapes = f"{shapes} ({'; '.join(tried)})" if notes else shapes
         if notes:
             warnings.warn(f"{type(model).__name__}: {shapes}", StaticShapesWarning, stacklevel=3)
-        return Captured(gm=gm, method=name, binder=binder, shapes=shapes)
+        return Captured(gm=gm, method=name, binder=binder, shapes=shapes, baked=baked)
     sink.seek(0)
     printed = [line for line in sink.read().splitlines() if line.strip()]
     excerpt = ""

@@ -87,3 +87,27 @@ def test_failed_capture_is_one_error_not_a_graph_dump(capfd):
     msg = str(info.value)
     assert "torch.export (non-strict)" in msg and "torch.fx.symbolic_trace" in msg
     assert "torch printed" in msg and len(msg.splitlines()) < 20  # a short excerpt, in the error
+
+
+def test_hf_catch_all_kwargs_stay_dynamic(zoo_model):
+    """``output_hidden_states=True`` goes through HF's ``**kwargs``: the capture stays dynamic (the constant is
+    bound into the graph), and the graph form serves another batch and length with the right hidden states."""
+    from hc_rewrite.zoo import ZOO
+
+    model = zoo_model("llama")
+    args, kwargs = ZOO["llama"].inputs(generator=torch.Generator().manual_seed(0))
+    kwargs = dict(kwargs, output_hidden_states=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StaticShapesWarning)
+        captured = capture(model, args, kwargs)
+        new = hc_rewrite.rewrite(model, args, kwargs, form="graph")
+    assert captured.shapes == "dynamic" and captured.baked == {"output_hidden_states": True}
+    a2, k2 = ZOO["llama"].other_inputs(torch.Generator().manual_seed(1))
+    k2 = dict(k2, output_hidden_states=True)
+    with torch.no_grad():
+        ref, got = model(*a2, **k2), new(*a2, **k2)
+    assert len(got.hidden_states) == len(ref.hidden_states) == 3
+    for a, b in zip(ref.hidden_states, got.hidden_states):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="output_hidden_states"):
+        new(*a2, **dict(k2, output_hidden_states=False))  # baked in: a different value is an error

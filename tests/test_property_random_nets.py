@@ -1,5 +1,10 @@
 """Property test: random residual networks are either rewritten and equivalent at init, or refused
-with a reason — never a wrong model."""
+with a reason — never a wrong model.
+
+Round 2 cases: convolutions inside token branches (ConvFFN, a positional conv), channels-first blocks on the
+transposed stream (conv branches, and branches that permute to channels-last for a Linear), side inputs of the
+stream's shape shared by every block (DETR-style ``x + pos``, one attention bias added to every block's scores),
+and layouts alternating from block to block."""
 from __future__ import annotations
 
 import torch
@@ -18,29 +23,48 @@ class Branch(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.fc1 = nn.Linear(d, 2 * d)
         self.fc2 = nn.Linear(2 * d, d)
+        self.dw = nn.Conv1d(2 * d, 2 * d, 3, padding=1, groups=2 * d)
+        self.conv = nn.Conv1d(d, d, 3, padding=1, groups=2)
+        self.gn = nn.GroupNorm(2, d)
 
-    def forward(self, x):
+    def forward(self, x, bias=None):
+        if self.kind == "convffn":  # tokens [B, T, C]: Linear, depthwise conv over the tokens, Linear
+            h = self.fc1(self.norm(x))
+            return self.fc2(torch.nn.functional.gelu(self.dw(h.transpose(1, 2)).transpose(1, 2)))
+        if self.kind == "posconv":  # tokens: a grouped conv over the transposed stream, no Linear at all
+            return torch.nn.functional.gelu(self.conv(x.transpose(1, 2))).transpose(1, 2)
+        if self.kind == "cf_conv":  # channels first [B, C, T]
+            return self.conv(torch.relu(self.gn(x)))
+        if self.kind == "cf_linear":  # channels first, permuted to channels last for a Linear
+            return self.fc2(torch.relu(self.fc1(self.gn(x).transpose(1, 2)))).transpose(1, 2)
         if self.kind == "mlp":
             return self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x))))
         if self.kind == "linear":
             return self.fc1(x)[..., : x.shape[-1]]
         # attention-like: softmax(x x^T) x, then a projection
         h = self.norm(x)
-        att = torch.softmax(h @ h.transpose(-1, -2) / h.shape[-1] ** 0.5, dim=-1)
+        scores = h @ h.transpose(-1, -2) / h.shape[-1] ** 0.5
+        if bias is not None:
+            scores = scores + bias  # one bias, shared by every block (MPNet / T5 style)
+        att = torch.softmax(scores, dim=-1)
         return self.fc2(torch.cat([att @ h, h], dim=-1))
 
 
 class Block(nn.Module):
-    def __init__(self, kind, d, post_norm, link, reads_prev):
+    def __init__(self, kind, d, post_norm, link, reads_prev, side_input=False):
         super().__init__()
+        self.channels_first = kind.startswith("cf_")
+        self.side_input = side_input
         self.branch = Branch(kind, d)
         self.post = nn.LayerNorm(d) if post_norm else None
         self.link = link
         self.reads_prev = reads_prev
         self.drop = nn.Dropout(0.1)
 
-    def forward(self, x, prev):
-        y = self.branch(x)
+    def forward(self, x, prev, pos, bias):
+        if self.channels_first:  # this block works on [B, C, T]: the layout alternates along the net
+            return self.branch(x.transpose(1, 2)).add(x.transpose(1, 2)).transpose(1, 2)
+        y = self.branch(x + pos if self.side_input else x, bias)
         if self.reads_prev and prev is not None:
             y = y + 0.5 * torch.tanh(prev)  # the branch also reads an earlier stream value
         x = x + y
@@ -62,26 +86,30 @@ class RandomNet(nn.Module):
         self.blocks = nn.ModuleList([Block(d=d, **b) for b in blocks])
         self.widen_at = widen_at
         self.widen = nn.Linear(d, d)  # shape-preserving "transition": ends one stream, starts another
+        self.pos = nn.Linear(6, d)  # side inputs computed once from the input, read by every block
         self.extra_reads = extra_reads
         self.head = nn.Linear(d, 3)
 
     def forward(self, x):
         h = self.embed(x)
+        pos = torch.sin(self.pos(x))  # [B, T, C]: the stream's own shape, not a stream
+        bias = 0.1 * pos @ pos.transpose(-1, -2)  # [B, T, T]
         prev, outs = None, []
         for i, blk in enumerate(self.blocks):
             if i == self.widen_at:
                 h = torch.tanh(self.widen(h))
-            h, prev = blk(h, prev), h
+            h, prev = blk(h, prev, pos, bias), h
             if i in self.extra_reads:
                 outs.append(h[..., :3] * 1.0)
         return self.head(h), outs
 
 
 block_st = st.fixed_dictionaries({
-    "kind": st.sampled_from(["mlp", "linear", "attn"]),
+    "kind": st.sampled_from(["mlp", "linear", "attn", "convffn", "posconv", "cf_conv", "cf_linear"]),
     "post_norm": st.booleans(),
     "link": st.sampled_from([None, "dropout", "relu", "cast"]),
     "reads_prev": st.booleans(),
+    "side_input": st.booleans(),
 })
 
 

@@ -171,3 +171,70 @@ def test_real_model_sites(rewritten):
         "transformer.h.0.attn", "transformer.h.0.mlp", "transformer.h.1.attn", "transformer.h.1.mlp",
     ]
     assert all(s.reason == "" for s in rep.sites)
+
+
+# ----------------------------------------------------------------------------- round 2
+def test_side_input_adds_are_not_sites():
+    """One attention bias shared by every layer (``scores + bias``) reaches later layers' scores only through
+    earlier residual sites: it is not a stream, and the layers' real sites are all found."""
+    from hc_rewrite.zoo_handwritten import SharedBiasTransformer
+
+    torch.manual_seed(0)
+    model = SharedBiasTransformer(layers=3).eval()
+    gm = _prepare(model, (torch.randint(0, 128, (2, 8)),))
+    sites = _find(gm)
+    assert len(sites) == 6 and not any(s.reason for s in sites)
+    assert {s.module for s in sites} == {""}  # the layers are ModuleDicts called from the top-level forward
+    for s in sites:
+        assert list(s.skip.meta["val"].shape)[-1] == 32  # every skip is the [B, T, 32] stream, never the bias
+
+
+class _Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = x + self.a(x)
+        return x + self.b(x)
+
+
+class _Nested(nn.Module):
+    """A residual around residual blocks: ``x + inner(x)`` where ``inner`` has residual sites of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = _Inner()
+
+    def forward(self, x):
+        return x + self.inner(x)
+
+
+def test_residual_around_residual_blocks_is_refused_and_the_inner_sites_kept():
+    gm = _prepare(_Nested().eval(), (torch.randn(2, 5, 8),))
+    sites = _find(gm)
+    inner = [s for s in sites if not s.reason]
+    outer = [s for s in sites if s.reason]
+    assert len(inner) == 2 and len(outer) == 1
+    assert "residual around residual blocks" in outer[0].reason and inner[1].add.name in outer[0].reason
+
+
+class _PoolMixer(nn.Module):
+    """PoolFormer's token mixer: ``x + (pool(x) - x)`` (pooling is the computation) and a "same"-padded conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+        self.conv = nn.Conv2d(8, 8, 3, padding="same")
+
+    def forward(self, x):
+        x = x + (self.pool(x) - x)
+        return x + self.conv(x)
+
+
+def test_pooling_and_string_padding_branches_are_residual():
+    gm = _prepare(_PoolMixer().eval(), (torch.randn(2, 8, 6, 6),))
+    targets = {str(n.target) for n in gm.graph.nodes}
+    assert "aten.conv2d.padding" in targets and "aten.avg_pool2d.default" in targets
+    sites = _find(gm)
+    assert len(sites) == 2 and not any(s.reason for s in sites)
