@@ -227,10 +227,12 @@ class EntryHook:
         width = self.info.width
         fdim = self.info.feature_dim
         rank = self.info.rank
-        cands = [i for i, v in enumerate(leaves)
-                 if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() >= 2
-                 and (not rank or v.dim() == rank)
-                 and v.shape[fdim] == width and not (_bound(v) and v._hc_info.owner is self.info.owner)]
+        fits = [i for i, v in enumerate(leaves)
+                if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() >= 2
+                and (not rank or v.dim() == rank) and v.shape[fdim] == width]
+        cands = [i for i in fits if not self._ours(leaves[i])]
+        if not cands:  # a stream that starts from the last value of another of our streams (layouts alternate)
+            cands = [i for i in fits if leaves[i]._hc_info is not self.info]
         if len({id(leaves[i]) for i in cands}) == 1:
             cands = cands[:1]  # one tensor passed twice (DeBERTa: hidden_states and query_states)
         if len(cands) != 1:
@@ -238,6 +240,10 @@ class EntryHook:
                 f"{self._describe()}: cannot tell which input of its entry module is the residual stream "
                 f"({len(cands)} candidates of width {width})")
         return cands[0]
+
+    def _ours(self, v) -> bool:
+        """A stream value of this rewritten model (any of its streams)."""
+        return _bound(v) and v._hc_info.owner is self.info.owner
 
     @torch._dynamo.disable
     def __call__(self, module, args, kwargs):
@@ -248,7 +254,8 @@ class EntryHook:
         if pending is not None and pending.hook is self:  # a second entry module of the same site
             leaves[i] = pending.branch_in
             return pytree.tree_unflatten(leaves, spec)
-        if _bound(x) and x._hc_index >= self.index:
+        same_stream = _bound(x) and x._hc_info is self.info
+        if same_stream and x._hc_index >= self.index:
             raise StreamError(f"{self._describe()}: reached a stream value that already passed position "
                               f"{x._hc_index} of its stream; the model's control flow differs from the captured one")
         if torch.is_grad_enabled() is False and x.requires_grad and module.training:
@@ -257,7 +264,7 @@ class EntryHook:
                               "use use_reentrant=False")
         info = self.info
         with _plain():
-            if _bound(x):
+            if same_stream:
                 w = _wide_of(x) if info.variant == "frac" else _tied(_wide_of(x), x)
             else:
                 w = _widen(x, info)
