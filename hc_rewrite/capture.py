@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -25,7 +25,6 @@ class Captured:
     gm: fx.GraphModule
     method: str
     binder: "InputBinder | None" = None
-    tried: list = field(default_factory=list)
 
 
 class InputBinder:
@@ -186,7 +185,7 @@ def capture(model: torch.nn.Module, args, kwargs=None) -> Captured:
         if name.startswith("torch.export"):
             binder = InputBinder(_forward_signature(model), args, kwargs)
         gm.train(training)
-        return Captured(gm=gm, method=name, binder=binder, tried=tried)
+        return Captured(gm=gm, method=name, binder=binder)
     raise CaptureError(
         f"could not capture {type(model).__name__} as an FX graph; tried:\n  " + "\n  ".join(tried)
     )

@@ -1,9 +1,8 @@
-"""Small helpers over FX graphs: op classes, shapes, module paths, the networkx view."""
+"""Small helpers over FX graphs: op classes, shapes, module paths."""
 from __future__ import annotations
 
 import operator
 
-import networkx as nx
 import torch
 import torch.fx as fx
 
@@ -39,7 +38,6 @@ CONV_TARGETS = {
     aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
     aten._convolution.default, torch.nn.functional.conv1d, torch.nn.functional.conv2d,
 }
-DROPOUT_TARGETS = {aten.dropout.default, torch.nn.functional.dropout}
 
 
 def val(node: fx.Node):
@@ -136,16 +134,6 @@ def _clean_path(path: str) -> str:
         if path.startswith(prefix):
             path = path[len(prefix):]
     return path.replace("getattr(", "").replace(")", "")
-
-
-def to_networkx(graph: fx.Graph) -> nx.DiGraph:
-    """Dataflow graph: an edge ``u -> v`` when node ``v`` reads node ``u``."""
-    g = nx.DiGraph()
-    for node in graph.nodes:
-        g.add_node(node)
-        for inp in node.all_input_nodes:
-            g.add_edge(inp, node)
-    return g
 
 
 def topo_index(graph: fx.Graph) -> dict:

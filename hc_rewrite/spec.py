@@ -1,7 +1,7 @@
 """The user's connection spec, validated before any work is done."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import SpecError
 
@@ -22,7 +22,6 @@ class HCSpec:
     dynamic: bool = True
     sinkhorn_iters: int = 20
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.variant not in VARIANTS:

@@ -49,13 +49,6 @@ def _pixels(size):
     return make
 
 
-def _features(batch=BATCH, seq=SEQ, generator=None):
-    # Whisper encoder input: log-mel features [B, mel, 2 * max_source_positions]
-    feats = torch.randn(batch, 16, 32, generator=generator)
-    dec = torch.randint(0, VOCAB, (batch, seq), generator=generator)
-    return (), {"input_features": feats, "decoder_input_ids": dec}
-
-
 def _hf(config_name: str, model_name: str, **cfg):
     def build():
         import transformers
