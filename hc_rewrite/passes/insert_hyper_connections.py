@@ -36,8 +36,7 @@ from torch import nn
 from ..connections import expand_spread, make_site
 from ..graph_utils import RELU_TARGETS, VIEW_TARGETS, val
 from ..ops.library import ops
-from ..sites import Stream
-from .group_residual_streams import is_norm_link, link_input
+from ..sites import Stream, is_norm_link, link_input
 
 _MOVEDIM = torch.ops.aten.movedim.int
 
