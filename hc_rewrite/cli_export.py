@@ -49,7 +49,7 @@ def run_export_onnx(args) -> int:
 
     from . import rewrite
     from .errors import HCRewriteError
-    from .export import _default_dynamic_shapes, export_onnx, onnx_input_layout
+    from .onnx_export import _default_dynamic_shapes, export_onnx, onnx_input_layout
     from .zoo import get
 
     if not args.static_shapes and (args.batch < 2 or args.seq < 2):

@@ -1,4 +1,4 @@
-"""ONNX export of rewritten models (hc_rewrite.export): checker-valid files whose onnxruntime outputs
+"""ONNX export of rewritten models (hc_rewrite.onnx_export): checker-valid files whose onnxruntime outputs
 match PyTorch at batch / sequence sizes other than the exported ones."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("transformers")
 
 import hc_rewrite  # noqa: E402
-from hc_rewrite.export import export_onnx, max_relative_error, onnx_input_layout, run_onnx  # noqa: E402
+from hc_rewrite.onnx_export import export_onnx, max_relative_error, onnx_input_layout, run_onnx  # noqa: E402
 from hc_rewrite.zoo import ZOO  # noqa: E402
 
 RTOL = 1e-4
