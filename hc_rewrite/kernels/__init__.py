@@ -32,10 +32,10 @@ def _load():
         if not available():
             return None
         try:
-            from . import hc_frac, mhc, post
+            from . import hc_frac, mhc, mix, post, pre
         except ImportError:
             return None
-        _LOADED = (post, mhc, hc_frac)
+        _LOADED = (mix, post, pre, mhc, hc_frac)
     return _LOADED
 
 

@@ -65,15 +65,16 @@ def record_launches(n=4, C=256, dtypes=(torch.bfloat16, torch.float32)):
 
     if kernels._load() is None:
         raise SystemExit("triton is not importable")
-    from . import hc_frac, mhc, post, proj
+    from . import proj
 
     rec = _Recorder()
-    mods = (post, mhc, hc_frac, proj)
-    saved = [(m, m.wrap_triton, getattr(m, "use_triton", None)) for m in mods]
+    mods = (*kernels._load(), proj)
+    saved = [(m, getattr(m, "wrap_triton", None), getattr(m, "use_triton", None)) for m in mods]
     try:
-        for m in mods:
-            m.wrap_triton = rec.wrap
-            if hasattr(m, "use_triton"):
+        for m, wt, ut in saved:
+            if wt is not None:
+                m.wrap_triton = rec.wrap
+            if ut is not None:
                 m.use_triton = lambda *t: True
         fused = torch.ops.hc_fused
         T = 8
@@ -104,7 +105,8 @@ def record_launches(n=4, C=256, dtypes=(torch.bfloat16, torch.float32)):
             torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs], allow_unused=True)
     finally:
         for m, wt, ut in saved:
-            m.wrap_triton = wt
+            if wt is not None:
+                m.wrap_triton = wt
             if ut is not None:
                 m.use_triton = ut
     return list(rec.launches.values())

@@ -27,7 +27,8 @@ import triton.language as tl
 
 from ..ops import reference as ref
 from ._common import empty, flat_tokens, pow2, reference_grads, use_triton, wrap_triton
-from .post import frac_pre as fused_frac_pre, mix_bwd, stream_pre as fused_stream_pre
+from .mix import mix_bwd
+from .pre import frac_pre as fused_frac_pre, stream_pre as fused_stream_pre
 from .proj import proj_bwd, split_for
 
 _BT, _BC, _WARPS = 16, 32, 8

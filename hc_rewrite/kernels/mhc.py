@@ -30,7 +30,7 @@ import triton.language as tl
 from ..ops import reference as ref
 from ._common import (coeff_view, empty, flat_tokens, interpreting, pow2, reduce_static, reference_grads,
                       use_triton, wrap_triton)
-from .post import mix_bwd
+from .mix import mix_bwd
 from .proj import proj_bwd, split_for
 
 _BT, _BC, _WARPS = 64, 16, 8
