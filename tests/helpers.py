@@ -4,13 +4,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from hc_rewrite import variants
 from hc_rewrite.zoo import ZOO
 
 CAPTURE_SEED = 0  # generator seed of the example inputs given to rewrite()
 FRESH_SEED = 1234  # generator seed of the inputs the tests compare on (never seen at capture)
 BATCH, SEQ = 2, 8
 
-VARIANTS = ("mhc", "frac", "hc")
+VARIANTS = variants.NAMES
 EQUIV_MODELS = ("gpt2", "llama", "bert", "vit", "minilm")
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 import hc_rewrite
 import hc_rewrite.backend as hcb
+from hc_rewrite import variants
 from hc_rewrite.errors import BackendError
 from hc_rewrite.ops.library import ops
 from hc_rewrite.passes.lower_stream_ops import lower_stream_ops, stream_op_nodes
@@ -218,7 +219,7 @@ def test_cpu_graph_keeps_reference_ops_without_inductor():
             "hc_rewrite.stream_post.default", "hc_rewrite.expand_stream.default"} <= seen[0]
 
 
-@pytest.mark.parametrize("variant", ["mhc", "hc", "frac"])
+@pytest.mark.parametrize("variant", variants.NAMES)
 def test_fused_lowering_traces_through_aot_autograd(variant):
     """``fuse="all"`` lowers on CPU too (the fused ops fall back to the reference math there): the
     hc_fused ops must trace under AOTAutograd (fake tensors, joint graph) and give eager's gradients."""

@@ -149,15 +149,15 @@ def grads_match(outs, leaves, ref_fn, floor=5e-5, factor=10.0):
 
 
 def mhc_params(n, C, has_res=True, dynamic=True):
-    from hc_rewrite.connections import MHCSite
+    from hc_rewrite.variants.mhc import MHCParams
 
-    s = MHCSite(n, C, dynamic, has_res=has_res, device=DEV)
+    s = MHCParams(n, C, dynamic, has_res=has_res, device=DEV)
     with torch.no_grad():  # move away from the init so every term matters
         for p in s.parameters():
             p.add_(0.3 * torch.randn_like(p))
         if dynamic:
             s.alpha.mul_(30.0)
-    return [None if p is None else p.detach().requires_grad_() for p in (s.phi, s.alpha, s.b_pre, s.b_post, s.b_res)]
+    return [None if p is None else p.detach().requires_grad_() for p in s.coeff_args()]
 
 
 def hcfrac_params(frac, n, C, dynamic=True):
