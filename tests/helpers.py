@@ -42,5 +42,19 @@ def hc_targets(gm) -> list:
     return out
 
 
+def analysed(model: nn.Module, args, until: str | None = None):
+    """``model(*args)`` captured and run through the analysis passes of the pipeline
+    (:data:`hc_rewrite.passes.pipeline.ANALYSIS`), all of them or those before the pass ``until``; the graph is
+    recompiled, as the pipeline's users do. Returns the :class:`~hc_rewrite.passes.pipeline.PassContext`
+    (``.gm``, ``.sites``, ``.streams``)."""
+    from hc_rewrite.capture import capture
+    from hc_rewrite.passes.pipeline import ANALYSIS, PassContext
+
+    ctx = PassContext(capture(model, args).gm)
+    (ANALYSIS if until is None else ANALYSIS.until(until))(ctx)
+    ctx.gm.recompile()
+    return ctx
+
+
 def snapshot(module: nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}

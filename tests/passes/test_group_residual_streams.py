@@ -4,21 +4,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hc_rewrite.capture import capture
-from hc_rewrite.passes import (
-    find_residual_sites,
-    group_residual_streams,
-    remove_metadata_asserts,
-    restore_dropout_modules,
-)
+from hc_rewrite.passes import find_residual_sites, group_residual_streams
+
+from ..helpers import analysed
 
 
 def _prepare(model, args):
-    gm = capture(model, args).gm
-    remove_metadata_asserts(gm)
-    restore_dropout_modules(gm)
-    gm.eval()
-    return gm
+    """The graph as the pipeline hands it to the detection passes."""
+    return analysed(model, args, until="find_residual_sites").gm
 
 
 def _group(gm):

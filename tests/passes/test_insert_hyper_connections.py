@@ -6,15 +6,10 @@ import pytest
 import torch
 
 from hc_rewrite import variants
-from hc_rewrite.capture import capture
-from hc_rewrite.passes import (
-    find_residual_sites,
-    group_residual_streams,
-    insert_hyper_connections,
-    remove_metadata_asserts,
-    restore_dropout_modules,
-)
+from hc_rewrite.passes import insert_hyper_connections
 from hc_rewrite.spec import make_spec
+
+from ..helpers import analysed
 
 ADD = torch.ops.aten.add.Tensor
 LN = torch.ops.aten.layer_norm.default
@@ -27,13 +22,9 @@ PARAMS_CLS = {v.name: v.params for v in variants.all_variants()}
 
 
 def _pipeline(model, args):
-    gm = capture(model, args).gm
-    remove_metadata_asserts(gm)
-    restore_dropout_modules(gm)
-    gm.eval()
-    sites = find_residual_sites(gm)
-    streams = group_residual_streams(gm, sites)
-    return gm, sites, streams
+    """The graph, sites and streams as the pipeline hands them to this pass."""
+    ctx = analysed(model, args)
+    return ctx.gm, ctx.sites, ctx.streams
 
 
 def _count(gm, target):
