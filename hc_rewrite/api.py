@@ -60,17 +60,7 @@ def _report(model, spec, captured, sites, streams, form, new_parameters, init_re
     return RewriteReport(
         model=type(model).__name__, variant=spec.variant, n=spec.n, dynamic=spec.dynamic,
         capture=captured.method, form=form, init_rel_err=init_rel_err,
-        streams=[
-            StreamReport(id=s.id, width=s.width, sites=len(s.sites), start=s.root.name,
-                         layout="channels-first" if s.feature_dim == 1 else "channels-last",
-                         ends=[f"{v} -> {u}" for v, u in s.ends])
-            for s in streams
-        ],
-        sites=[
-            SiteReport(name=s.name, module=s.module, branch_module=s.branch_module, kind=s.kind,
-                       rewritten=s.rewritten, reason=s.reason, stream=s.stream, index=s.index)
-            for s in sites
-        ],
+        streams=[StreamReport.of(s) for s in streams], sites=[SiteReport.of(s) for s in sites],
         new_parameters=new_parameters,
     )
 
