@@ -7,10 +7,9 @@ streams rewritten by ``hc_rewrite`` (mHC n=4, Frac m=4, HC n=4).
 The stack: RMSNorm, SDPA causal attention (head dim 128), 4d GELU MLP, final RMSNorm; the loss is the
 mean square of the output (no vocabulary: only the residual machinery differs between variants). Fused
 AdamW, bf16 autocast, everything under ``torch.compile``: the rewritten models with
-``backend="hc_rewrite"`` when ``hc_rewrite.backend`` exists, otherwise with Inductor after swapping in the
-fused ops by hand (``hc_rewrite.kernels.fuse.fuse_graph`` + ``fused_ops``), or plain Inductor with
-``--kernels off``. Step time: median of ``--steps`` steps after ``--warmup`` steps. Without CUDA (and
-without ``--tiny``) it prints a message and exits 0.
+``backend="hc_rewrite"`` (its lowering stage, :func:`hc_rewrite.passes.pipeline.lower`, puts in the fused
+kernels), or plain Inductor with ``--kernels off``. Step time: median of ``--steps`` steps after ``--warmup``
+steps. Without CUDA (and without ``--tiny``) it prints a message and exits 0.
 """
 from __future__ import annotations
 
@@ -23,6 +22,8 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from hc_rewrite.variants import NAMES
 
 
 class Attention(nn.Module):
@@ -63,28 +64,15 @@ class GPTStack(nn.Module):
         return self.norm(x)
 
 
-VARIANTS = ("residual", "mhc", "frac", "hc")
+VARIANTS = ("residual", *NAMES)
 
 
-def _compile_rewritten(gm, kernels: str, device: str):
+def _compile_rewritten(gm, kernels: str):
     """``(compiled module, how)`` for a rewritten GraphModule."""
     if kernels != "off":
-        try:
-            import hc_rewrite.backend  # noqa: F401  (registers backend="hc_rewrite")
-            return torch.compile(gm, backend="hc_rewrite"), "backend=hc_rewrite"
-        except ImportError:
-            pass
-        from hc_rewrite.kernels import fused_ops
-        from hc_rewrite.kernels.fuse import fuse_graph
+        import hc_rewrite.backend  # noqa: F401  (registers backend="hc_rewrite")
 
-        swap = fused_ops() if device == "cuda" else {}
-        if swap:
-            fused = fuse_graph(gm)
-            for node in gm.graph.nodes:
-                if node.op == "call_function" and node.target in swap:
-                    node.target = swap[node.target]
-            gm.recompile()
-            return torch.compile(gm), f"inductor + hc_fused ops ({fused} fusions)"
+        return torch.compile(gm, backend="hc_rewrite"), "backend=hc_rewrite"
     return torch.compile(gm), "inductor (reference ops)"
 
 
@@ -99,7 +87,7 @@ def build(variant, d, layers, x, device, compile_, kernels, seed=0):
     gm = hc_rewrite.rewrite(model, (x,), variant=variant, n=4, form="graph")
     if not compile_:
         return gm, gm, "eager"
-    compiled, how = _compile_rewritten(gm, kernels, device)
+    compiled, how = _compile_rewritten(gm, kernels)
     return compiled, gm, how
 
 

@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from .e2e import GPTStack
+from hc_rewrite.variants import NAMES as VARIANTS
 
-VARIANTS = ("mhc", "frac", "hc")
+from .e2e import GPTStack
 
 
 def build(variant, form, args, x):

@@ -60,20 +60,22 @@ def _cases(T, n, C, dtype):
     """Benchmark cases at one width: ``(name, bytes, fused_fn, reference_fn, inputs)``."""
     import torch
 
-    from hc_rewrite.connections import FracSite, HCSite, MHCSite
+    from hc_rewrite.variants.frac import FracParams
+    from hc_rewrite.variants.hc import HCParams
+    from hc_rewrite.variants.mhc import MHCParams
     from hc_rewrite.ops import reference as ref
 
     dev, e = "cuda", torch.tensor([], dtype=dtype).element_size()
     fused = torch.ops.hc_fused
     w = torch.randn(T, n, C, device=dev, dtype=dtype)
     y = torch.randn(T, C, device=dev, dtype=dtype)
-    m = _perturb(MHCSite(n, C, True, device=dev))
-    mp = (m.phi, m.alpha, m.b_pre, m.b_post, m.b_res)
+    m = _perturb(MHCParams(n, C, True, device=dev))
+    mp = tuple(m.coeff_args())
     h_pre, h_post, h_res = (x.detach() for x in ref.mhc_coeffs(w, *mp))
-    hc = _perturb(HCSite(n, C, True, device=dev))
-    hp = (hc.a_m, hc.a_r, hc.b, hc.w_m, hc.w_r, hc.w_b)
-    fr = _perturb(FracSite(n, C // n, True, device=dev))
-    fp = (fr.y, fr.a, fr.b, fr.w_y, fr.w_a, fr.w_b)
+    hc = _perturb(HCParams(n, C, True, device=dev))
+    hp = tuple(hc.coeff_args())
+    fr = _perturb(FracParams(n, C // n, True, device=dev))
+    fp = tuple(fr.coeff_args())
     wf = w.reshape(T, n * C)[:, :C].reshape(T, n, C // n).contiguous()   # a Frac stream: d = C
     f_pre, f_post, f_res = (x.detach() for x in ref.frac_coeffs(wf, *fp))
     coeff_bytes = T * (2 * n + n * n) * 4

@@ -2,8 +2,10 @@
 
     python -m benchmarks.pass_speed [--layers 12 24 48 96] [--repeats 3]
 
-For each depth, a GPT-2 decoder (width 64) is captured once; the passes (cleanup, detection,
-grouping, rewrite) then run on fresh copies of the captured graph, median of ``--repeats``.
+For each depth, a GPT-2 decoder (width 64) is captured once; the passes of ``rewrite(form="graph")``
+(:data:`~hc_rewrite.passes.pipeline.ANALYSIS`: cleanup, detection, grouping; then
+:data:`~hc_rewrite.passes.pipeline.GRAPH_FORM`: the rewrite) then run on fresh copies of the captured graph,
+median of ``--repeats``.
 """
 from __future__ import annotations
 
@@ -20,10 +22,7 @@ def main(argv=None) -> int:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from hc_rewrite.capture import capture
-    from hc_rewrite.passes import (
-        find_residual_sites, group_residual_streams, insert_hyper_connections, remove_metadata_asserts,
-        restore_batch_norm_modules, restore_dropout_modules,
-    )
+    from hc_rewrite.passes.pipeline import ANALYSIS, GRAPH_FORM, PassContext
     from hc_rewrite.spec import make_spec
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -39,15 +38,12 @@ def main(argv=None) -> int:
         captured = capture(model, (torch.randint(0, 256, (2, 16)),))
         times = []
         for _ in range(args.repeats):
-            gm = copy.deepcopy(captured.gm)
+            ctx = PassContext(copy.deepcopy(captured.gm), make_spec("mhc", 4))
             t0 = time.perf_counter()
-            remove_metadata_asserts(gm, recompile=False)  # as hc_rewrite.rewrite runs them: one
-            restore_dropout_modules(gm, recompile=False)  # recompile, at the end of the rewrite
-            restore_batch_norm_modules(gm, recompile=False)
-            sites = find_residual_sites(gm)
-            streams = group_residual_streams(gm, sites)
-            n = insert_hyper_connections(gm, streams, make_spec("mhc", 4))
+            ANALYSIS(ctx)  # as hc_rewrite.rewrite runs them: one recompile, at the end of the rewrite
+            GRAPH_FORM(ctx)
             times.append((time.perf_counter() - t0) * 1e3)
+            n = ctx.results["insert_hyper_connections"]
         med = statistics.median(times)
         print(f"| {layers} | {len(captured.gm.graph.nodes)} | {n} | {med:.0f} | {med / layers:.1f} |")
     return 0

@@ -9,8 +9,8 @@ from .structured import Plan, compile_stream_ops, from_pretrained, rebuild, stri
 
 
 def export_onnx(*args, **kwargs):
-    """See :func:`hc_rewrite.export.export_onnx` (imported on first use: it needs the onnx extra)."""
-    from .export import export_onnx as _export_onnx
+    """See :func:`hc_rewrite.onnx_export.export_onnx` (imported on first use: it needs the onnx extra)."""
+    from .onnx_export import export_onnx as _export_onnx
 
     return _export_onnx(*args, **kwargs)
 

@@ -8,16 +8,8 @@ import torch.utils._pytree as pytree
 
 from .capture import capture, prepare_kwargs
 from .errors import NoResidualStreamError, NotAModuleError, StructureError
-from .passes import (
-    find_residual_sites,
-    group_residual_streams,
-    infer_feature_axes,
-    insert_hyper_connections,
-    place_sites_on_modules,
-    remove_metadata_asserts,
-    restore_batch_norm_modules,
-    restore_dropout_modules,
-)
+from .passes import group_residual_streams
+from .passes.pipeline import GRAPH_FORM, MODULE_FORM, PassContext, analyse
 from .report import RewriteReport, SiteReport, StreamReport
 from .spec import HCSpec, make_spec
 from .stream_value import TRACE, StreamError
@@ -52,16 +44,13 @@ def _check_model(model) -> None:
 
 
 def _analyse(model, example_inputs, example_kwargs, spec: HCSpec):
-    """Capture and detect: ``(captured, sites, streams)``. The caller's model is untouched."""
+    """Capture and detect (:data:`~hc_rewrite.passes.pipeline.ANALYSIS`): ``(captured, sites, streams)``. The
+    caller's model is untouched."""
     _check_model(model)
     _precheck_width(model, spec)
     captured = capture(model, example_inputs, example_kwargs)
-    gm = captured.gm
-    remove_metadata_asserts(gm, recompile=False)
-    restore_dropout_modules(gm, recompile=False)
-    restore_batch_norm_modules(gm, recompile=False)
-    sites = infer_feature_axes(gm, find_residual_sites(gm))
-    streams = group_residual_streams(gm, sites)
+    ctx = analyse(captured.gm, spec)
+    sites, streams = ctx.sites, ctx.streams
     for stream in streams:
         spec.check_width(stream.width, f"residual stream {stream.id} (expanded at {stream.root.name})")
     return captured, sites, streams
@@ -71,17 +60,7 @@ def _report(model, spec, captured, sites, streams, form, new_parameters, init_re
     return RewriteReport(
         model=type(model).__name__, variant=spec.variant, n=spec.n, dynamic=spec.dynamic,
         capture=captured.method, form=form, init_rel_err=init_rel_err, shapes=captured.shapes,
-        streams=[
-            StreamReport(id=s.id, width=s.width, sites=len(s.sites), start=s.root.name,
-                         layout="channels-first" if s.feature_dim == 1 else "channels-last",
-                         ends=[f"{v} -> {u}" for v, u in s.ends])
-            for s in streams
-        ],
-        sites=[
-            SiteReport(name=s.name, module=s.module, branch_module=s.branch_module, kind=s.kind,
-                       rewritten=s.rewritten, reason=s.reason, stream=s.stream, index=s.index)
-            for s in sites
-        ],
+        streams=[StreamReport.of(s) for s in streams], sites=[SiteReport.of(s) for s in sites],
         new_parameters=new_parameters,
     )
 
@@ -96,7 +75,7 @@ def _run_graph(model, example_inputs, example_kwargs, spec: HCSpec):
     captured, sites, streams = _analyse(model, example_inputs, example_kwargs, spec)
     gm = captured.gm
     if streams:
-        insert_hyper_connections(gm, streams, spec, seed=spec.seed)  # recompiles gm
+        GRAPH_FORM(PassContext(gm, spec, sites, streams))  # recompiles gm
     rep = _report(model, spec, captured, sites, streams, "graph",
                   sum(p.numel() for p in gm.hc.parameters()) if streams else 0)
     if not streams:
@@ -143,16 +122,6 @@ def _max_rel_err(ref_out, out) -> float:
     return worst
 
 
-def _place(gm, sites, streams):
-    """Placements for every placeable site; refused sites split their streams, so regroup until stable."""
-    while True:
-        placements = place_sites_on_modules(gm, streams)
-        placed = {p.site for p in placements}
-        if all(s in placed for st in streams for s in st.sites):
-            return streams, placements
-        streams = group_residual_streams(gm, sites)
-
-
 def _run_module(model, example_inputs, example_kwargs, spec: HCSpec):
     captured, sites, streams = _analyse(model, example_inputs, example_kwargs, spec)
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -162,7 +131,8 @@ def _run_module(model, example_inputs, example_kwargs, spec: HCSpec):
     with torch.no_grad():
         ref_out = reference(*args, **{k: v for k, v in kwargs.items() if k not in captured.baked})
     while True:
-        streams, placements = _place(captured.gm, sites, streams)
+        placed = MODULE_FORM(PassContext(captured.gm, spec, sites, streams))
+        streams, placements = placed.streams, placed.placements
         if not streams:
             rep = _report(model, spec, captured, sites, streams, "module", 0)
             raise _no_stream(model, rep)

@@ -5,8 +5,8 @@
 
 The backend compiles models returned by :func:`hc_rewrite.rewrite`: it finds the
 ``torch.ops.hc_rewrite`` stream ops in the graph Dynamo captured, lowers them to fused kernels where
-:mod:`hc_rewrite.kernels` has one for the tensors' device (CUDA; see
-:mod:`hc_rewrite.passes.lower_stream_ops`), and hands the graph to Inductor. On CPU the reference ops
+:mod:`hc_rewrite.kernels` has one and the tensors are on CUDA (the lowering stage of the pipeline,
+:func:`hc_rewrite.passes.pipeline.lower`), and hands the graph to Inductor. On CPU the reference ops
 stay and AOTAutograd decomposes them into ATen ops, which Inductor compiles like any other.
 
 It never creates connection parameters: a parameter created inside a backend is invisible to
@@ -20,10 +20,10 @@ package, and is also registered when this module is imported.
 
 * ``fuse`` (default True): lower stream ops whose tensors are on a CUDA device to the fused kernels
   of :mod:`hc_rewrite.kernels` (first the per-site combinations of
-  :func:`hc_rewrite.kernels.fuse.fuse_graph`, then single-op swaps); False keeps the reference ops;
+  :mod:`hc_rewrite.passes.fuse_stream_ops`, then single-op swaps); False keeps the reference ops;
   ``"all"`` lowers on every device (the fused ops fall back to the reference math, or run under the
   Triton interpreter, off CUDA: for testing).
-* ``combos`` (bool, default True): apply the fused combinations (``fuse_graph``) too.
+* ``combos`` (bool, default True): apply the fused combinations (``fuse_stream_ops``) too.
 * ``compiler`` (default ``"inductor"``): what compiles the (lowered) graph. ``"aot_eager"`` runs
   AOTAutograd (decompositions, fake-tensor tracing of the fused ops, the joint graph) without code
   generation; ``"eager"`` runs the graph as captured. Both are for debugging, or for machines where no
@@ -45,7 +45,8 @@ import torch
 import torch.fx as fx
 
 from .errors import BackendError
-from .passes.lower_stream_ops import lower_stream_ops, node_devices, stream_op_nodes
+from .passes.lower_stream_ops import stream_op_nodes
+from .passes.pipeline import lower
 
 log = logging.getLogger(__name__)
 
@@ -113,22 +114,6 @@ def _inductor_patches(mode, extra: dict) -> dict:
     return patches
 
 
-def _lower(gm: fx.GraphModule, nodes, ours: dict) -> int:
-    """Fused combinations, then single-op swaps; only on CUDA unless ``fuse="all"``."""
-    everywhere = ours["fuse"] == "all"
-    if not everywhere and any(node_devices(n) != {"cuda"} for n in nodes):
-        return 0  # CPU (or unknown device): the reference ops stay, AOTAutograd decomposes them
-    count = 0
-    if ours["combos"]:
-        try:
-            from .kernels.fuse import fuse_graph
-        except ImportError:
-            fuse_graph = None
-        if fuse_graph is not None:
-            count += fuse_graph(gm)
-    return count + lower_stream_ops(gm, cuda_only=not everywhere)
-
-
 def hc_rewrite_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = None,
                        mode: str | None = None, **kwargs):
     """torch.compile backend (see module docstring). ``options`` and ``mode`` come from torch.compile."""
@@ -146,7 +131,7 @@ def hc_rewrite_backend(gm: fx.GraphModule, example_inputs, *, options: dict | No
                     "(rewrite(form='module'), the default) run their stream ops eagerly between compiled graphs; "
                     "hc_rewrite.compile_stream_ops(model) hands them to this backend; rewrite(form='graph') gives "
                     "one graph whose stream ops this backend fuses")
-    lowered = _lower(gm, nodes, ours) if ours["fuse"] and nodes else 0
+    lowered = lower(gm, everywhere=ours["fuse"] == "all", combos=ours["combos"]) if ours["fuse"] and nodes else 0
     log.info("hc_rewrite backend: %d stream ops, %d fused ops inserted", len(nodes), lowered)
     compiler = ours["compiler"]
     if compiler != "inductor":

@@ -13,6 +13,8 @@ import importlib
 import json
 import sys
 
+from . import variants
+
 
 def load_model(spec: str):
     """``NAME`` from :mod:`hc_rewrite.zoo`, or ``package.module:callable`` returning ``(model, args, kwargs)``."""
@@ -34,7 +36,7 @@ def load_model(spec: str):
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="zoo name (see `hc-rewrite models`) or module:callable")
-    p.add_argument("--variant", default="mhc", choices=["mhc", "frac", "hc"], help="default: mhc")
+    p.add_argument("--variant", default="mhc", choices=variants.NAMES, help="default: mhc")
     p.add_argument("--n", type=int, default=4, help="expansion rate / number of fractions (default 4)")
     p.add_argument("--static", action="store_true", help="static coefficients (default: dynamic)")
     p.add_argument("--form", default="module", choices=["module", "graph"],

@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-VARIANTS = ("mhc", "frac", "hc")
+from . import variants
 
 
 def add_export_onnx_parser(subparsers) -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def add_export_onnx_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, choices=sorted(ZOO), metavar="NAME",
                    help=f"zoo model: {', '.join(sorted(ZOO))}")
-    p.add_argument("--variant", default="mhc", choices=VARIANTS, help="connection variant (default: mhc)")
+    p.add_argument("--variant", default="mhc", choices=variants.NAMES, help="connection variant (default: mhc)")
     p.add_argument("--n", type=int, default=4, help="expansion rate / number of fractions (default: 4)")
     p.add_argument("--static", action="store_true",
                    help="static connections (coefficients do not depend on the input; rewrite(dynamic=False))")
@@ -49,7 +49,7 @@ def run_export_onnx(args) -> int:
 
     from . import rewrite
     from .errors import HCRewriteError
-    from .export import _default_dynamic_shapes, export_onnx, onnx_input_layout
+    from .onnx_export import _default_dynamic_shapes, export_onnx, onnx_input_layout
     from .zoo import get
 
     if not args.static_shapes and (args.batch < 2 or args.seq < 2):

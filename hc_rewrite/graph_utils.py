@@ -1,9 +1,8 @@
-"""Small helpers over FX graphs: op classes, shapes, module paths, the networkx view."""
+"""Small helpers over FX graphs: op classes, shapes, module paths."""
 from __future__ import annotations
 
 import operator
 
-import networkx as nx
 import torch
 import torch.fx as fx
 
@@ -51,7 +50,6 @@ POOL_TARGETS = {
     aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool3d.default, torch.nn.functional.avg_pool2d,
     torch.nn.functional.max_pool2d, torch.nn.functional.adaptive_avg_pool2d,
 }
-DROPOUT_TARGETS = {aten.dropout.default, torch.nn.functional.dropout}
 
 
 def val(node: fx.Node):
@@ -176,16 +174,6 @@ def _clean_path(path: str) -> str:
         if path.startswith(prefix):
             path = path[len(prefix):]
     return path.replace("getattr(", "").replace(")", "")
-
-
-def to_networkx(graph: fx.Graph) -> nx.DiGraph:
-    """Dataflow graph: an edge ``u -> v`` when node ``v`` reads node ``u``."""
-    g = nx.DiGraph()
-    for node in graph.nodes:
-        g.add_node(node)
-        for inp in node.all_input_nodes:
-            g.add_edge(inp, node)
-    return g
 
 
 def topo_index(graph: fx.Graph) -> dict:

@@ -1,11 +1,18 @@
-"""What a rewrite found and did: every stream and residual site, rewritten or refused, and why."""
+"""What a rewrite found and did: every stream and residual site, rewritten or refused, and why.
+
+The report is plain data (saved as JSON, shown by the CLI): :meth:`SiteReport.of` and :meth:`StreamReport.of`
+take it from the detection's :class:`~hc_rewrite.sites.Site` and :class:`~hc_rewrite.sites.Stream`.
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass
 class SiteReport:
+    """A :class:`~hc_rewrite.sites.Site` without its graph nodes: every field is the site's attribute of the
+    same name."""
+
     name: str  # the residual add's node name in the captured graph
     module: str  # module path the add was traced in
     branch_module: str  # module path of the branch's last op
@@ -14,6 +21,10 @@ class SiteReport:
     reason: str = ""  # why it was refused (empty when rewritten)
     stream: int | None = None
     index: int | None = None
+
+    @classmethod
+    def of(cls, site) -> "SiteReport":
+        return cls(**{f.name: getattr(site, f.name) for f in fields(cls)})
 
 
 @dataclass
@@ -24,6 +35,12 @@ class StreamReport:
     start: str  # node where the stream is expanded
     layout: str = "channels-last"
     ends: list = field(default_factory=list)  # "value -> reader" for every reader of the reduced stream
+
+    @classmethod
+    def of(cls, stream) -> "StreamReport":
+        return cls(id=stream.id, width=stream.width, sites=len(stream.sites), start=stream.root.name,
+                   layout="channels-first" if stream.feature_dim == 1 else "channels-last",
+                   ends=[f"{v} -> {u}" for v, u in stream.ends])
 
 
 @dataclass

@@ -1,20 +1,19 @@
 """The user's connection spec, validated before any work is done."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from . import variants
 from .errors import SpecError
-
-VARIANTS = ("mhc", "frac", "hc")
 
 
 @dataclass(frozen=True)
 class HCSpec:
     """What to rewrite residual streams into.
 
-    ``variant``: ``"mhc"`` (DeepSeek manifold-constrained HC), ``"frac"`` (Frac-connections) or ``"hc"``
-    (Hyper-Connections). ``n``: expansion rate (mHC, HC) or number of fractions (Frac).
-    ``dynamic``: input-dependent coefficients (True) or static ones.
+    ``variant``: the name of a registered variant (:mod:`hc_rewrite.variants`): ``"mhc"`` (DeepSeek
+    manifold-constrained HC), ``"frac"`` (Frac-connections) or ``"hc"`` (Hyper-Connections). ``n``: expansion
+    rate (mHC, HC) or number of fractions (Frac). ``dynamic``: input-dependent coefficients (True) or static ones.
     """
 
     variant: str = "mhc"
@@ -22,34 +21,20 @@ class HCSpec:
     dynamic: bool = True
     sinkhorn_iters: int = 20
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise SpecError(f"unknown variant {self.variant!r}: expected one of {', '.join(VARIANTS)}")
+        kind = variants.get(self.variant)
         if isinstance(self.n, bool) or not isinstance(self.n, int):
             raise SpecError(f"n must be an int, got {type(self.n).__name__}")
         if self.n < 1:
             raise SpecError(f"n must be >= 1, got n={self.n}")
-        if self.variant == "mhc" and self.n < 2:
-            raise SpecError(
-                "mhc needs n >= 2: with one stream H_pre = sigmoid(.) < 1 cannot reproduce the original "
-                "branch input; use variant='hc' for n=1"
-            )
+        kind.check_n(self.n)
         if self.sinkhorn_iters < 1:
             raise SpecError(f"sinkhorn_iters must be >= 1, got {self.sinkhorn_iters}")
 
-    @property
-    def frac(self) -> bool:
-        return self.variant == "frac"
-
     def check_width(self, width: int, where: str = "the residual stream") -> None:
-        """Frac needs the feature width to split evenly into ``n`` fractions."""
-        if self.frac and width % self.n != 0:
-            raise SpecError(
-                f"variant='frac' with n={self.n} fractions does not fit {where}: its width d={width} "
-                f"is not divisible by {self.n} (d % n = {width % self.n})"
-            )
+        """Whether a stream of feature width ``width`` fits the variant (Frac: it splits evenly into ``n``)."""
+        variants.get(self.variant).check_width(self.n, width, where)
 
 
 def make_spec(variant="mhc", n=4, dynamic=True, **options) -> HCSpec:

@@ -16,8 +16,8 @@ Three things change what a :class:`StreamValue` does (everything else unwraps to
 * **stream-wise links** (dropout, LayerNorm over the features, ReLU, casts, clones, views that keep the
   feature dim) are applied to ``W`` with the lifted ops of :mod:`hc_rewrite.ops.reference`.
 
-The math is that of :mod:`hc_rewrite.ops` (called as ``torch.ops.hc_rewrite.*`` so that the
-``hc_rewrite`` compile backend can lower it).
+The site math is the variant's (:class:`hc_rewrite.variants.base.Variant`, the same the graph form emits),
+run on the ops ``torch.ops.hc_rewrite.*`` so that the ``hc_rewrite`` compile backend can lower it.
 """
 from __future__ import annotations
 
@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
+from . import variants
 from .errors import HCRewriteError
 from .ops.library import ops
+from .variants import eager
 
 _plain = torch._C.DisableTorchFunctionSubclass
 
@@ -45,9 +47,8 @@ class StreamInfo:
     id: int
     width: int
     feature_dim: int  # -1 channels last, 1 channels first
-    variant: str
+    variant: variants.Variant
     n: int
-    spread: float
     sinkhorn_iters: int
     owner: object = None  # one token per rewritten model: stream values of other models are not ours
     rank: int = 0  # rank of the stream tensor (0: unknown)
@@ -153,22 +154,14 @@ def _from_last(t: torch.Tensor, info: StreamInfo) -> torch.Tensor:
 
 
 def _widen(x: torch.Tensor, info: StreamInfo) -> torch.Tensor:
-    x = _to_last(x, info)
-    if info.variant == "frac":
-        return ops.split_fractions(x, info.n)
-    return ops.expand_stream(x, info.n, info.spread)
-
-
-def _end(variant: str, w: torch.Tensor) -> torch.Tensor:
-    """The reduced stream (channels last): mean of the copies, or the fractions concatenated (Frac)."""
-    return ops.merge_fractions(w) if variant == "frac" else ops.reduce_stream(w)
+    return info.variant.expand(eager, _to_last(x, info), info.n)
 
 
 def _wide_of(x: StreamValue) -> torch.Tensor:
-    """The widened stream of a bound value (Frac: the fractions of the value itself)."""
-    if x._hc_info.variant == "frac":
+    """The widened stream of a bound value (a split stream: the fractions of the value itself)."""
+    if x._hc_info.variant.split:
         with _plain():
-            return ops.split_fractions(_to_last(x, x._hc_info), x._hc_info.n)
+            return _widen(x, x._hc_info)
     return x._hc_w
 
 
@@ -265,14 +258,12 @@ class EntryHook:
         info = self.info
         with _plain():
             if same_stream:
-                w = _wide_of(x) if info.variant == "frac" else _tied(_wide_of(x), x)
+                w = _wide_of(x) if info.variant.split else _tied(_wide_of(x), x)
             else:
                 w = _widen(x, info)
-                _mark(x, info, None if info.variant == "frac" else w, -1)
-            p = self.params
-            coeff_args = tuple(getattr(p, name) for name in p.coeff_inputs())
+                _mark(x, info, None if info.variant.split else w, -1)
             math = self.compiled[0] if self.compiled else site_pre
-            branch_in, h_post, h_res = math(info.variant, info.sinkhorn_iters, w, *coeff_args)
+            branch_in, h_post, h_res = math(info.variant.name, info.sinkhorn_iters, w, *self.params.coeff_args())
             branch_in = _from_last(branch_in, info).to(x.dtype)
         x._hc_pending = _Pending(self, w, h_post, h_res, branch_in, self.extra)
         if TRACE.on:
@@ -284,22 +275,14 @@ class EntryHook:
 # ----------------------------------------------------------------------------- the site math
 def site_pre(variant: str, iters: int, w, *coeff_args):
     """Coefficients and branch input of one site: ``(branch_in, h_post, h_res)`` (channels last)."""
-    if variant == "mhc":
-        h_pre, h_post, h_res = ops.mhc_coeffs(w, *coeff_args, 1e-6, iters)
-        if coeff_args[-1] is None:  # no b_res: the last site of a stream has no mixing
-            h_res = None
-        return ops.stream_pre(w, h_pre), h_post, h_res
-    if variant == "hc":
-        h_pre, h_post, h_res = ops.hc_coeffs(w, *coeff_args)
-        return ops.stream_pre(w, h_pre), h_post, h_res
-    h_pre, h_post, h_res = ops.frac_coeffs(w, *coeff_args)
-    return ops.frac_pre(w, h_pre), h_post, h_res
+    return variants.get(variant).site_pre(eager, w, coeff_args, iters)
 
 
 def site_post(variant: str, w, y, h_post, h_res):
-    """The widened stream after a site and its reduction: ``(W', end(W'))`` (channels last)."""
-    w_new = ops.stream_post(w, y, h_post, h_res)
-    return w_new, _end(variant, w_new)
+    """The widened stream after a site and its reduction: ``(W', reduce(W'))`` (channels last)."""
+    kind = variants.get(variant)
+    w_new = kind.site_post(eager, w, y, h_post, h_res)
+    return w_new, kind.reduce(eager, w_new)
 
 
 # ----------------------------------------------------------------------------- the site add (post)
@@ -309,9 +292,9 @@ def _post(pending: _Pending, y: torch.Tensor, x: StreamValue, first: bool) -> St
         yl = _to_last(y, info).to(pending.w.dtype)
         h_res = pending.h_res if first else None
         math = pending.hook.compiled[1] if pending.hook.compiled else site_post
-        w_new, end = math(info.variant, pending.w, yl, pending.h_post, h_res)
+        w_new, end = math(info.variant.name, pending.w, yl, pending.h_post, h_res)
         narrow = _from_last(end, info).to(torch.promote_types(x.dtype, y.dtype))
-    out = _wrap(narrow, info, None if info.variant == "frac" else w_new, pending.hook.index)
+    out = _wrap(narrow, info, None if info.variant.split else w_new, pending.hook.index)
     if pending.extra > 0:
         out._hc_pending = _Pending(pending.hook, w_new, pending.h_post, None, pending.branch_in, pending.extra - 1,
                                    continued=True)
@@ -358,20 +341,21 @@ _LAST_DROP = ["none"]
 def _link(func, args, kwargs, wide_fn, narrow_from_wide=False):
     """``func`` on a stream value: ``wide_fn(W, narrow)`` gives the new ``W``. The narrow result is ``func``'s
     own (equal to the reduction of the new ``W`` for the lifted ops), or, with ``narrow_from_wide``, that
-    reduction (dropout: independent masks per copy). Frac needs no ``W``: the narrow value is the stream."""
+    reduction (dropout: independent masks per copy). A split stream (Frac) needs no ``W``: the narrow value is the
+    stream."""
     x = args[0] if args else None
     if not _bound(x) or x._hc_pending is not None:
         return NotImplemented
     info = x._hc_info
     with _plain():
-        if info.variant == "frac":
+        if info.variant.split:
             return _wrap(func(*args, **kwargs), info, None, x._hc_index)
         narrow = None if narrow_from_wide else func(*args, **kwargs)
         w_new = wide_fn(x._hc_w, narrow)
         if w_new is NotImplemented:
             return NotImplemented
         if narrow_from_wide:
-            narrow = _from_last(_end(info.variant, w_new), info)
+            narrow = _from_last(info.variant.reduce(eager, w_new), info)
     return _wrap(narrow, info, w_new, x._hc_index)
 
 

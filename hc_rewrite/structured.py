@@ -17,7 +17,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from .connections import expand_spread, make_site
+from . import variants
 from .graph_utils import val
 from .spec import HCSpec
 from .stream_value import EntryHook, StreamInfo, plain_outputs
@@ -150,13 +150,15 @@ def attach(model: nn.Module, plan: Plan) -> nn.Module:
     generator = torch.Generator().manual_seed(plan.seed)
     holder = nn.Module()
     owner = _Owner()
+    variant = variants.get(spec.variant)
     for stream in plan.streams:
         info = StreamInfo(id=stream.id, width=stream.width, feature_dim=stream.feature_dim, rank=stream.rank,
-                          variant=spec.variant,
-                          n=spec.n, spread=expand_spread(spec), sinkhorn_iters=spec.sinkhorn_iters, owner=owner)
+                          variant=variant,
+                          n=spec.n, sinkhorn_iters=spec.sinkhorn_iters, owner=owner)
         for site in sorted(stream.sites, key=lambda s: s.index):
             name = f"s{stream.id}_{site.index}"
-            params = make_site(spec, stream.width, site.index, site.last, generator, dtype=dtype, device=device)
+            params = variant.make_params(spec, stream.width, site.index, site.last, generator, dtype=dtype,
+                                         device=device)
             holder.add_module(name, params)
             hook = EntryHook(info, site.index, site.name, params, site.extra)
             for path in site.entries:

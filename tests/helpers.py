@@ -4,13 +4,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from hc_rewrite import variants
 from hc_rewrite.zoo import ZOO
 
 CAPTURE_SEED = 0  # generator seed of the example inputs given to rewrite()
 FRESH_SEED = 1234  # generator seed of the inputs the tests compare on (never seen at capture)
 BATCH, SEQ = 2, 8
 
-VARIANTS = ("mhc", "frac", "hc")
+VARIANTS = variants.NAMES
 EQUIV_MODELS = ("gpt2", "llama", "bert", "vit", "minilm")
 
 
@@ -39,6 +40,20 @@ def hc_targets(gm) -> list:
         if node.op == "call_function" and str(node.target).startswith("hc_rewrite."):
             out.append(str(node.target).split(".")[1])
     return out
+
+
+def analysed(model: nn.Module, args, until: str | None = None):
+    """``model(*args)`` captured and run through the analysis passes of the pipeline
+    (:data:`hc_rewrite.passes.pipeline.ANALYSIS`), all of them or those before the pass ``until``; the graph is
+    recompiled, as the pipeline's users do. Returns the :class:`~hc_rewrite.passes.pipeline.PassContext`
+    (``.gm``, ``.sites``, ``.streams``)."""
+    from hc_rewrite.capture import capture
+    from hc_rewrite.passes.pipeline import ANALYSIS, PassContext
+
+    ctx = PassContext(capture(model, args).gm)
+    (ANALYSIS if until is None else ANALYSIS.until(until))(ctx)
+    ctx.gm.recompile()
+    return ctx
 
 
 def snapshot(module: nn.Module) -> dict:

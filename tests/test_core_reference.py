@@ -1,14 +1,17 @@
-"""Acceptance 6: the reference math of hc_rewrite.ops.reference and the function-preserving init of
-hc_rewrite.connections."""
+"""Acceptance 6: the reference math of hc_rewrite.ops.reference and the function-preserving init of each
+variant's parameter module (hc_rewrite.variants)."""
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hc_rewrite.connections import FracSite, HCSite, MHCSite, make_site
+from hc_rewrite import variants
 from hc_rewrite.ops import ops
 from hc_rewrite.ops import reference as R
 from hc_rewrite.spec import make_spec
+from hc_rewrite.variants.frac import FracParams
+from hc_rewrite.variants.hc import HCParams
+from hc_rewrite.variants.mhc import MHCParams
 
 FAST = settings(max_examples=25, deadline=None, derandomize=True, database=None)
 
@@ -18,13 +21,13 @@ def _gen(seed):
 
 
 def _coeffs(module, w):
-    """Coefficients of a site module for the widened stream ``w``, through the reference."""
-    params = [getattr(module, p) for p in module.coeff_inputs()]
-    if module.variant == "mhc":
-        return R.mhc_coeffs(w, *params, 1e-6, 20)
-    if module.variant == "hc":
-        return R.hc_coeffs(w, *params)
-    return R.frac_coeffs(w, *params)
+    """Coefficients of a site's parameter module for the widened stream ``w``: its variant's coefficient op
+    (registered with the reference math), as the rewrite calls it."""
+    return variants.get(module.variant).coefficients(variants.eager, w, module.coeff_args(), 20)
+
+
+def _make_params(variant, n, dynamic, width, index, is_last, generator):
+    return variants.get(variant).make_params(make_spec(variant, n, dynamic), width, index, is_last, generator=generator)
 
 
 # ----------------------------------------------------------------------------- Sinkhorn
@@ -57,7 +60,7 @@ def test_sinkhorn_huge_logits_stay_finite(dtype):
 
 
 def test_sinkhorn_of_the_init_bias_is_diagonal_dominant():
-    site = MHCSite(4, 8, dynamic=False)
+    site = MHCParams(4, 8, dynamic=False)
     h = R.sinkhorn_log(site.b_res.detach())
     torch.testing.assert_close(torch.diagonal(h), torch.full((4,), 0.9), atol=1e-6, rtol=0)
     torch.testing.assert_close(h, h.T)
@@ -68,8 +71,8 @@ def test_sinkhorn_of_the_init_bias_is_diagonal_dominant():
 def test_mhc_coeffs_shapes_static_vs_dynamic(has_res):
     n, c = 4, 6
     w = torch.randn(2, 5, n, c, generator=_gen(0))
-    dyn = MHCSite(n, c, dynamic=True, has_res=has_res, generator=_gen(1))
-    sta = MHCSite(n, c, dynamic=False, has_res=has_res)
+    dyn = MHCParams(n, c, dynamic=True, has_res=has_res, generator=_gen(1))
+    sta = MHCParams(n, c, dynamic=False, has_res=has_res)
     assert dyn.phi.shape == (n * c, 2 * n + (n * n if has_res else 0))
     assert dyn.alpha.shape == ((3,) if has_res else (2,))
     assert sta.phi is None and sta.alpha is None
@@ -91,10 +94,10 @@ def test_hc_and_frac_coeffs_shapes():
     n, c = 4, 8
     w = torch.randn(3, n, c, generator=_gen(0))
     for dynamic in (True, False):
-        h_pre, h_post, h_res = _coeffs(HCSite(n, c, dynamic), w)
+        h_pre, h_post, h_res = _coeffs(HCParams(n, c, dynamic), w)
         lead = (3,) if dynamic else ()
         assert h_pre.shape == lead + (n,) and h_post.shape == lead + (n,) and h_res.shape == lead + (n, n)
-        y, b, a = _coeffs(FracSite(n, c, dynamic), w)
+        y, b, a = _coeffs(FracParams(n, c, dynamic), w)
         assert y.shape == lead + (n, n) and b.shape == lead + (n,) and a.shape == lead + (n, n)
 
 
@@ -102,13 +105,13 @@ def test_registered_ops_match_reference():
     n, c = 4, 6
     x = torch.randn(2, 3, c, generator=_gen(0))
     w = torch.randn(2, 3, n, c, generator=_gen(1))
-    site = MHCSite(n, c, dynamic=True, has_res=False, generator=_gen(2))
+    site = MHCParams(n, c, dynamic=True, has_res=False, generator=_gen(2))
     torch.testing.assert_close(ops.expand_stream(x, n), R.expand_stream(x, n))
     torch.testing.assert_close(ops.expand_stream(x, n, 0.5), R.expand_stream(x, n, 0.5))
     torch.testing.assert_close(ops.reduce_stream(w), R.reduce_stream(w))
     torch.testing.assert_close(ops.split_fractions(x, 3), R.split_fractions(x, 3))
     torch.testing.assert_close(ops.merge_fractions(w), R.merge_fractions(w))
-    params = [getattr(site, p) for p in site.coeff_inputs()]
+    params = site.coeff_args()
     got = ops.mhc_coeffs(w, *params, 1e-6, 20)
     ref = R.mhc_coeffs(w, *params, 1e-6, 20)
     torch.testing.assert_close(got[0], ref[0])
@@ -163,7 +166,7 @@ def test_mhc_site_is_exact_on_every_init_stream(n, c, dynamic, is_last, scale, s
     span: the branch reads exactly ``x`` (through a non-uniform H_pre for n >= 3), and the site output
     is ``1 (x + y) + D'`` with ``D'`` in the same span, so the next site is exact too."""
     g = _gen(seed)
-    site = make_site(make_spec("mhc", n, dynamic), c, 0, is_last, generator=g)
+    site = _make_params("mhc", n, dynamic, c, 0, is_last, g)
     x = torch.randn(4, c, generator=g) * scale
     y = torch.randn(4, c, generator=g) * scale
     w = _pair_deviation(x, n, g, scale)
@@ -198,7 +201,7 @@ def test_pair_pattern_and_contrast(n):
        seed=st.integers(0, 10_000))
 def test_hc_site_identical_copies_stay_identical(n, c, dynamic, index, seed):
     g = _gen(seed)
-    site = make_site(make_spec("hc", n, dynamic), c, index, False, generator=g)
+    site = _make_params("hc", n, dynamic, c, index, False, g)
     x = torch.randn(4, c, generator=g)
     y = torch.randn(4, c, generator=g)
     w = R.expand_stream(x, n)
@@ -214,7 +217,7 @@ def test_hc_site_identical_copies_stay_identical(n, c, dynamic, index, seed):
 def test_frac_site_identity_at_init(m, c, dynamic, seed):
     g = _gen(seed)
     d = m * c
-    site = make_site(make_spec("frac", m, dynamic), d, 0, False, generator=g)
+    site = _make_params("frac", m, dynamic, d, 0, False, g)
     assert site.width == c
     x = torch.randn(4, d, generator=g)
     y = torch.randn(4, d, generator=g)

@@ -1,4 +1,4 @@
-"""ONNX export of rewritten models (hc_rewrite.export): checker-valid files whose onnxruntime outputs
+"""ONNX export of rewritten models (hc_rewrite.onnx_export): checker-valid files whose onnxruntime outputs
 match PyTorch at batch / sequence sizes other than the exported ones."""
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("transformers")
 
 import hc_rewrite  # noqa: E402
-from hc_rewrite.export import export_onnx, max_relative_error, onnx_input_layout, run_onnx  # noqa: E402
+from hc_rewrite.onnx_export import export_onnx, max_relative_error, onnx_input_layout, run_onnx  # noqa: E402
+from hc_rewrite.variants import NAMES as VARIANTS  # noqa: E402
 from hc_rewrite.zoo import ZOO  # noqa: E402
 
 RTOL = 1e-4
 EXPORT_BATCH, EXPORT_SEQ = 2, 8
 BATCHES, SEQS = (1, 5), (1, 13)  # sizes of 1 too: a decode step, a single image
 MODELS = ("gpt2", "llama", "bert", "vit")
-VARIANTS = ("mhc", "frac", "hc")
 
 
 @pytest.fixture(scope="module")

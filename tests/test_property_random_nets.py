@@ -14,6 +14,7 @@ from torch import nn
 
 import hc_rewrite
 from hc_rewrite.errors import NoResidualStreamError
+from hc_rewrite.variants import NAMES as VARIANTS
 
 
 class Branch(nn.Module):
@@ -118,7 +119,7 @@ block_st = st.fixed_dictionaries({
     blocks=st.lists(block_st, min_size=1, max_size=4),
     widen_at=st.integers(min_value=-1, max_value=3),
     extra=st.sets(st.integers(min_value=0, max_value=3), max_size=2),
-    variant=st.sampled_from(["mhc", "frac", "hc"]),
+    variant=st.sampled_from(VARIANTS),
     dynamic=st.booleans(),
     seed=st.integers(min_value=0, max_value=2**16),
     form=st.sampled_from(["module", "graph"]),

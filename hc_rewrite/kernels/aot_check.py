@@ -61,19 +61,22 @@ class _Recorder:
 def record_launches(n=4, C=256, dtypes=(torch.bfloat16, torch.float32)):
     """Run every fused op (forward and backward) with launches recorded; returns the distinct launches."""
     from hc_rewrite import kernels
-    from hc_rewrite.connections import FracSite, HCSite, MHCSite
+    from hc_rewrite.variants.frac import FracParams
+    from hc_rewrite.variants.hc import HCParams
+    from hc_rewrite.variants.mhc import MHCParams
 
     if kernels._load() is None:
         raise SystemExit("triton is not importable")
-    from . import hc_frac, mhc, post, proj
+    from . import mix, proj
 
     rec = _Recorder()
-    mods = (post, mhc, hc_frac, proj)
-    saved = [(m, m.wrap_triton, getattr(m, "use_triton", None)) for m in mods]
+    mods = (*kernels._load(), mix, proj)
+    saved = [(m, getattr(m, "wrap_triton", None), getattr(m, "use_triton", None)) for m in mods]
     try:
-        for m in mods:
-            m.wrap_triton = rec.wrap
-            if hasattr(m, "use_triton"):
+        for m, wt, ut in saved:
+            if wt is not None:
+                m.wrap_triton = rec.wrap
+            if ut is not None:
                 m.use_triton = lambda *t: True
         fused = torch.ops.hc_fused
         T = 8
@@ -84,16 +87,16 @@ def record_launches(n=4, C=256, dtypes=(torch.bfloat16, torch.float32)):
             hp, hr = torch.rand(T, n, requires_grad=True), torch.rand(T, n, n, requires_grad=True)
             outs = []
             for has_res in (True, False):
-                s = MHCSite(n, C, True, has_res=has_res)
+                s = MHCParams(n, C, True, has_res=has_res)
                 ps = (s.phi, s.alpha, s.b_pre, s.b_post, s.b_res)
                 outs += list(fused.mhc_coeffs.default(w, *ps, 1e-6, 20))
                 outs += list(fused.mhc_pre.default(w, *ps, 1e-6, 20)[:4])
                 outs += list(fused.mhc_post_pre.default(w, y, hp, hr, *ps, 1e-6, 20)[:5])
                 outs += list(fused.mhc_post_pre.default(w, y, hp, None, *ps, 1e-6, 20)[:5])
-            h = HCSite(n, C, True)
+            h = HCParams(n, C, True)
             hps = (h.a_m, h.a_r, h.b, h.w_m, h.w_r, h.w_b)
             outs += list(fused.hc_coeffs.default(w, *hps)) + list(fused.hc_pre.default(w, *hps)[:4])
-            f = FracSite(n, C, True)
+            f = FracParams(n, C, True)
             fps = (f.y, f.a, f.b, f.w_y, f.w_a, f.w_b)
             outs += list(fused.frac_coeffs.default(w, *fps)) + list(fused.frac_pre_coeffs.default(w, *fps)[:4])
             outs += [fused.stream_post.default(w, y, hp, hr), fused.stream_post.default(w, y, hp, None),
@@ -104,7 +107,8 @@ def record_launches(n=4, C=256, dtypes=(torch.bfloat16, torch.float32)):
             torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs], allow_unused=True)
     finally:
         for m, wt, ut in saved:
-            m.wrap_triton = wt
+            if wt is not None:
+                m.wrap_triton = wt
             if ut is not None:
                 m.use_triton = ut
     return list(rec.launches.values())

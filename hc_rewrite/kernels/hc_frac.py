@@ -27,7 +27,8 @@ import triton.language as tl
 
 from ..ops import reference as ref
 from ._common import empty, flat_tokens, pow2, reference_grads, use_triton, wrap_triton
-from .post import frac_pre as fused_frac_pre, mix_bwd, stream_pre as fused_stream_pre
+from .mix import mix_bwd
+from .pre import frac_pre as fused_frac_pre, stream_pre as fused_stream_pre
 from .proj import proj_bwd, split_for
 
 _BT, _BC, _WARPS = 16, 32, 8
@@ -173,7 +174,7 @@ def hcfrac_fwd(w: torch.Tensor, wd: torch.Tensor, s1: torch.Tensor, s2: torch.Te
 
 
 # ----------------------------------------------------------------------------- shared host pieces
-def _dynamic(frac, w, s1, s2, s3, d1, d2, d3) -> bool:
+def _dynamic(w, s1, s2, s3, d1, d2, d3) -> bool:
     return d1 is not None and d2 is not None and d3 is not None and use_triton(w, s1, s2, s3, d1, d2, d3)
 
 
@@ -257,7 +258,7 @@ def _setup(ctx, inputs, output, keep=()):
 
 
 def _coeffs_impl(frac, w, s1, s2, s3, d1, d2, d3):
-    if not _dynamic(frac, w, s1, s2, s3, d1, d2, d3):
+    if not _dynamic(w, s1, s2, s3, d1, d2, d3):
         return _static_outputs(frac, w, s1, s2, s3, d1, d2, d3)
     h_pre, h_post, h_res, _, _, _ = _run(frac, w, s1, s2, s3, d1, d2, d3, True, False, False)
     return h_pre, h_post, h_res
@@ -266,14 +267,14 @@ def _coeffs_impl(frac, w, s1, s2, s3, d1, d2, d3):
 def _coeffs_backward(frac):
     def backward(ctx, g_pre, g_post, g_res):
         inputs = ctx.saved_tensors
-        if not _dynamic(frac, *inputs):
+        if not _dynamic(*inputs):
             return reference_grads(_reference(frac), inputs, g_pre, g_post, g_res)
         return _grads(frac, *inputs, g_pre, g_post, g_res)
     return backward
 
 
 def _pre_impl(frac, w, s1, s2, s3, d1, d2, d3):
-    if not _dynamic(frac, w, s1, s2, s3, d1, d2, d3):
+    if not _dynamic(w, s1, s2, s3, d1, d2, d3):
         h_pre, h_post, h_res = _static_outputs(frac, w, s1, s2, s3, d1, d2, d3)
         e = h_post.new_empty(0)
         return (fused_frac_pre if frac else fused_stream_pre)(w, h_pre), h_pre, h_post, h_res, e, e.clone()
@@ -293,7 +294,7 @@ def _pre_backward(frac):
         saved = ctx.saved_tensors
         inputs, (h_pre, z, st) = saved[:ctx.n_inputs], saved[ctx.n_inputs:]
         w = inputs[0]
-        if not _dynamic(frac, *inputs):
+        if not _dynamic(*inputs):
             def fn(*a):
                 h = _reference(frac)(*a)
                 return (pre_ref(a[0], h[0]),) + tuple(h)

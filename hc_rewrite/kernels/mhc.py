@@ -30,7 +30,7 @@ import triton.language as tl
 from ..ops import reference as ref
 from ._common import (coeff_view, empty, flat_tokens, interpreting, pow2, reduce_static, reference_grads,
                       use_triton, wrap_triton)
-from .post import mix_bwd
+from .mix import mix_bwd
 from .proj import proj_bwd, split_for
 
 _BT, _BC, _WARPS = 64, 16, 8
@@ -434,7 +434,7 @@ def mhc_pre(w: torch.Tensor, phi: Optional[torch.Tensor], alpha: Optional[torch.
         else:
             h_pre, h_post, h_res = ref.mhc_coeffs(w, phi, alpha, b_pre, b_post, b_res, eps, iters)
             h_res = h_res if h_res is not None else h_post.new_empty(0)
-        from .post import stream_pre as fused_pre
+        from .pre import stream_pre as fused_pre
         empty0 = h_post.new_empty(0)
         return fused_pre(w, h_pre), h_pre, h_post, h_res, empty0, empty0.clone()
     C = w.shape[-1]

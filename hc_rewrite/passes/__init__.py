@@ -1,4 +1,5 @@
-"""Graph passes, one per file. Each is a plain function over an ``fx.GraphModule``."""
+"""Graph passes, one per file. Each is a plain function over an ``fx.GraphModule``; the order they run in is
+:mod:`.pipeline`."""
 from .remove_metadata_asserts import remove_metadata_asserts
 from .restore_dropout_modules import restore_dropout_modules
 from .restore_batch_norm_modules import restore_batch_norm_modules
@@ -7,6 +8,7 @@ from .infer_feature_axes import infer_feature_axes
 from .group_residual_streams import group_residual_streams
 from .insert_hyper_connections import insert_hyper_connections
 from .place_sites_on_modules import place_sites_on_modules
+from .fuse_stream_ops import fuse_stream_ops
 from .lower_stream_ops import lower_stream_ops
 
 __all__ = [
@@ -18,5 +20,6 @@ __all__ = [
     "group_residual_streams",
     "insert_hyper_connections",
     "place_sites_on_modules",
+    "fuse_stream_ops",
     "lower_stream_ops",
 ]

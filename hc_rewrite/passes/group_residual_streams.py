@@ -20,51 +20,12 @@ without it.
 from __future__ import annotations
 
 import networkx as nx
-import torch
 import torch.fx as fx
 
-from ..graph_utils import (
-    CAST_TARGETS, LAYER_NORM_TARGETS, RELU_TARGETS, VIEW_TARGETS, data_inputs, data_users, shape_key, val, width,
-)
-from ..sites import Site, Stream
+from ..graph_utils import data_inputs, data_users, width
+from ..sites import Site, Stream, is_norm_link, link_input
 
 _ROOT = "__stream_entry__"
-
-
-def link_input(node: fx.Node, gm: fx.GraphModule, channel_first: bool = False) -> fx.Node | None:
-    """If ``node`` is a stream-wise op, the stream value it reads (its first argument), else None.
-
-    Stream-wise ops: dropout, casts / clones, ReLU (elementwise), a LayerNorm over the feature dim and
-    (channels-last streams) a view or reshape that keeps the feature dim last.
-    """
-    if not node.args or not isinstance(node.args[0], fx.Node):
-        return None
-    x = node.args[0]
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        return x if isinstance(mod, torch.nn.Dropout) else None
-    if node.op != "call_function":
-        return None
-    same_shape = shape_key(node) == shape_key(x)
-    if node.target in CAST_TARGETS | RELU_TARGETS and same_shape:
-        return x
-    if channel_first:
-        return None
-    if node.target in LAYER_NORM_TARGETS and same_shape:
-        normalized = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
-        if list(normalized) == [width(x)]:
-            return x
-    if node.target in VIEW_TARGETS and len(node.args) > 1 and not node.kwargs:
-        shape = list(node.args[1])
-        out = val(node)
-        if (out is not None and out.dim() >= 1 and shape and isinstance(shape[-1], int)
-                and shape[-1] == width(x) and int(out.shape[-1]) == width(x)):
-            return x
-    return None
-
-
-def is_norm_link(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in LAYER_NORM_TARGETS
 
 
 def _successors(site: Site, skip_of: dict, gm: fx.GraphModule):

@@ -7,42 +7,39 @@ Before (one pre-norm stream, two sites)::
     x2 = add(x1, mlp(ln2(x1)))
     out = ln_f(x2)
 
-After (mHC shown; HC / Frac differ only in the coefficient and pre ops)::
+After (mHC shown; each variant of :mod:`hc_rewrite.variants` names its expand / reduce, coefficient and pre
+ops, e.g. Frac ``split_fractions`` / ``merge_fractions``, ``frac_coeffs``, ``frac_pre``)::
 
     x0  = embed(ids)
-    W0  = hc_rewrite.expand_stream(x0, n, spread)          # [.., n, C]  (Frac: split_fractions)
+    W0  = hc_rewrite.expand_stream(x0, n, spread)          # [.., n, C]
     c0  = hc_rewrite.mhc_coeffs(W0, hc.s0_0.phi, ...)       # H_pre, H_post, H_res
     b0  = hc_rewrite.stream_pre(W0, c0[0])                 # what the branch reads instead of x0
     W1  = hc_rewrite.stream_post(W0, attn(ln1(b0)), c0[1], c0[2])
     c1  = ...; b1 = hc_rewrite.stream_pre(W1, c1[0])
     W2  = hc_rewrite.stream_post(W1, mlp(ln2(b1)), c1[1], None)
-    out = ln_f(hc_rewrite.reduce_stream(W2))               # Frac: merge_fractions
+    out = ln_f(hc_rewrite.reduce_stream(W2))
 
 Stream-wise links (dropout, casts, ReLU, views, post-norm LayerNorm) are applied to the widened stream;
 every other reader of a stream value (a final norm, an output, ``output_hidden_states``) reads its
 reduction. Channels-first streams (conv nets, ``[B, C, H, W]``) are widened channels-last
 (``[B, H, W, n, C]``): ``movedim`` at the stream's start, at each branch input and output, and at
 each reduction.
-The site parameters live on ``gm.hc`` (one module per site, see :mod:`hc_rewrite.connections`).
+The site math is the variant's (:class:`hc_rewrite.variants.base.Variant`: ``expand``, ``site_pre``,
+``site_post``, ``reduce``), emitted here as nodes. The site parameters live on ``gm.hc`` (one module per
+site, made by the variant).
 """
 from __future__ import annotations
-
-import operator
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from ..connections import expand_spread, make_site
+from .. import variants
 from ..graph_utils import RELU_TARGETS, VIEW_TARGETS, val
 from ..ops.library import ops
-from ..sites import Stream
-from .group_residual_streams import is_norm_link, link_input
+from ..sites import Stream, is_norm_link, link_input
 
 _MOVEDIM = torch.ops.aten.movedim.int
-
-_COEFF_OP = {"mhc": ops.mhc_coeffs.default, "hc": ops.hc_coeffs.default, "frac": ops.frac_coeffs.default}
-_PRE_OP = {"mhc": ops.stream_pre.default, "hc": ops.stream_pre.default, "frac": ops.frac_pre.default}
 
 
 class _Cursor:
@@ -65,16 +62,16 @@ class _Cursor:
     def attr(self, target):
         return self._place(lambda: self.graph.get_attr(target))
 
+    def emit(self, target, *args):
+        """The ``emit`` of :class:`hc_rewrite.variants.base.Variant`'s site math: one node per op."""
+        return self.call(target, args)
+
 
 def _emit_site(cur: _Cursor, spec, w: fx.Node, name: str, module: nn.Module, channel_first: bool):
     """Coefficients and branch input of one site; returns (branch_in, h_post, h_res)."""
-    params = [None if getattr(module, p) is None else cur.attr(f"hc.{name}.{p}") for p in module.coeff_inputs()]
-    extra = (1e-6, spec.sinkhorn_iters) if spec.variant == "mhc" else ()
-    coeffs = cur.call(_COEFF_OP[spec.variant], (w, *params, *extra))
-    h_pre, h_post, h_res = (cur.call(operator.getitem, (coeffs, i)) for i in range(3))
-    if spec.variant == "mhc" and not module.has_res:
-        h_res = None
-    branch_in = cur.call(_PRE_OP[spec.variant], (w, h_pre))
+    params = [None if p is None else cur.attr(f"hc.{name}.{p_name}")
+              for p_name, p in zip(module.coeff_inputs, module.coeff_args())]
+    branch_in, h_post, h_res = variants.get(spec.variant).site_pre(cur.emit, w, params, spec.sinkhorn_iters)
     if channel_first:
         branch_in = cur.call(_MOVEDIM, (branch_in, -1, 1))
     return branch_in, h_post, h_res
@@ -82,36 +79,34 @@ def _emit_site(cur: _Cursor, spec, w: fx.Node, name: str, module: nn.Module, cha
 
 def _emit_link(cur: _Cursor, spec, link: fx.Node, w: fx.Node) -> fx.Node:
     """The stream-wise op ``link`` applied to the widened stream ``w``."""
+    variant = variants.get(spec.variant)
     if link.op == "call_module":
         return cur.module(link.target, (w,))
     if link.target in RELU_TARGETS:
-        return cur.call(ops.stream_relu.default, (w, spec.frac))
+        return cur.call(ops.stream_relu.default, (w, variant.split))
     if link.target in VIEW_TARGETS:
         shape = list(link.args[1])
-        c = shape[-1]
-        tail = [spec.n, c // spec.n] if spec.frac else [spec.n, c]
+        tail = [spec.n, variant.row_width(spec.n, shape[-1])]
         return cur.call(link.target, (w, shape[:-1] + tail))
     if is_norm_link(link):
         args = list(link.args) + [None] * (5 - len(link.args))
         weight = link.kwargs.get("weight", args[2])
         bias = link.kwargs.get("bias", args[3])
         eps = link.kwargs.get("eps", args[4] if args[4] is not None else 1e-5)
-        return cur.call(ops.stream_layer_norm.default, (w, weight, bias, float(eps), spec.frac))
+        return cur.call(ops.stream_layer_norm.default, (w, weight, bias, float(eps), variant.split))
     return cur.call(link.target, (w, *link.args[1:]), dict(link.kwargs))
 
 
-def insert_hyper_connections(gm: fx.GraphModule, streams: list[Stream], spec, seed: int = 0) -> int:
-    """Rewrite ``streams`` of ``gm`` in place (see module docstring); returns the number of sites rewritten."""
+def insert_hyper_connections(gm: fx.GraphModule, streams: list[Stream], spec, seed: int | None = None) -> int:
+    """Rewrite ``streams`` of ``gm`` in place (see module docstring); returns the number of sites rewritten.
+    ``seed`` (default ``spec.seed``) initialises the dynamic mHC projections."""
     if hasattr(gm, "hc"):
         raise ValueError("graph module already has an 'hc' submodule: was it rewritten already?")
     g = gm.graph
     holder = nn.Module()
     gm.add_module("hc", holder)
-    generator = torch.Generator().manual_seed(seed)
-    start_op = ops.split_fractions.default if spec.frac else ops.expand_stream.default
-    end_op = ops.merge_fractions.default if spec.frac else ops.reduce_stream.default
-    spread = expand_spread(spec)
-    start_extra = (spread,) if spread else ()  # HC: the plain two-argument expand
+    generator = torch.Generator().manual_seed(spec.seed if seed is None else seed)
+    variant = variants.get(spec.variant)
     order = {node: i for i, node in enumerate(g.nodes)}
     dead, rewritten = [], 0
     for stream in streams:
@@ -119,17 +114,17 @@ def insert_hyper_connections(gm: fx.GraphModule, streams: list[Stream], spec, se
         channel_first = stream.feature_dim == 1
         cur = _Cursor(g, stream.root)
         start_in = cur.call(_MOVEDIM, (stream.root, 1, -1)) if channel_first else stream.root
-        wide = {stream.root: cur.call(start_op, (start_in, spec.n, *start_extra))}
+        wide = {stream.root: variant.expand(cur.emit, start_in, spec.n)}
         ours = {wide[stream.root], start_in}
         for site in sorted(stream.sites, key=lambda s: order[s.add]):
             w = wide[site.skip]
             name = f"s{stream.id}_{site.index}"
             is_last = not stream.successors.get(site)
-            module = make_site(spec, stream.width, site.index, is_last, generator,
-                               dtype=root_val.dtype, device=root_val.device)
-            holder.add_module(name, module)
+            params = variant.make_params(spec, stream.width, site.index, is_last, generator,
+                                         dtype=root_val.dtype, device=root_val.device)
+            holder.add_module(name, params)
             cur = _Cursor(g, w)
-            branch_in, h_post, h_res = _emit_site(cur, spec, w, name, module, channel_first)
+            branch_in, h_post, h_res = _emit_site(cur, spec, w, name, params, channel_first)
             for user in list(site.skip.users):
                 if user in site.region:
                     user.replace_input_with(site.skip, branch_in)
@@ -141,7 +136,7 @@ def insert_hyper_connections(gm: fx.GraphModule, streams: list[Stream], spec, se
                 y = cur.call(torch.ops.aten.add.Tensor, (y, extra))
             if channel_first:
                 y = cur.call(_MOVEDIM, (y, 1, -1))
-            wide[site.add] = cur.call(ops.stream_post.default, (w, y, h_post, h_res))
+            wide[site.add] = variant.site_post(cur.emit, w, y, h_post, h_res)
             dead.append(site.add)
             dead.extend(site.merged)
             for path, _nxt in stream.successors.get(site, []):
@@ -166,7 +161,7 @@ def insert_hyper_connections(gm: fx.GraphModule, streams: list[Stream], spec, se
                     continue
                 if reduced is None:
                     rcur = _Cursor(g, w)
-                    reduced = rcur.call(end_op, (w,))
+                    reduced = variant.reduce(rcur.emit, w)
                     if channel_first:
                         reduced = rcur.call(_MOVEDIM, (reduced, -1, 1))
                 user.replace_input_with(value, reduced)

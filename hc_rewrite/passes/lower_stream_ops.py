@@ -1,12 +1,13 @@
 """Lower the reference stream ops of a graph to fused kernels, where a fused kernel exists.
 
-Used by the ``hc_rewrite`` torch.compile backend on the graph Dynamo hands it, before AOTAutograd and
-Inductor. The fused table comes from :func:`hc_rewrite.kernels.fused_ops` (``{reference OpOverload:
-fused OpOverload}``, same schema); the kernels are CUDA-only, so by default only nodes whose tensor
-inputs live on a CUDA device are lowered. Everything not lowered stays a reference op: it is registered
-``CompositeImplicitAutograd``, so AOTAutograd decomposes it into ATen ops that Inductor compiles.
+Part of the lowering (:func:`hc_rewrite.passes.pipeline.lower`, which decides whether the graph runs on CUDA,
+where the kernels run): the ``hc_rewrite`` torch.compile backend runs it on the graph Dynamo hands it, after
+:mod:`~hc_rewrite.passes.fuse_stream_ops` and before AOTAutograd and Inductor. The fused table comes from
+:func:`hc_rewrite.kernels.fused_ops` (``{reference OpOverload: fused OpOverload}``, same schema). Everything
+not lowered stays a reference op: it is registered ``CompositeImplicitAutograd``, so AOTAutograd decomposes
+it into ATen ops that Inductor compiles.
 
-Before (mHC site, CUDA tensors)::
+Before (mHC site)::
 
     c0 = hc_rewrite.mhc_coeffs.default(W0, phi, alpha, b_pre, b_post, b_res, 1e-06, 20)
     b0 = hc_rewrite.stream_pre.default(W0, getitem(c0, 0))
@@ -18,7 +19,7 @@ After (the ops the kernels module provides are swapped, arguments untouched)::
     b0 = hc_rewrite_fused.stream_pre.default(W0, getitem(c0, 0))
     W1 = hc_rewrite_fused.stream_post.default(W0, y, getitem(c0, 1), getitem(c0, 2))
 
-On CPU, or without :mod:`hc_rewrite.kernels`, the graph is left as it is and 0 is returned.
+Without :mod:`hc_rewrite.kernels` (or Triton) the graph is left as it is and 0 is returned.
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ import warnings
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
 log = logging.getLogger(__name__)
 
@@ -54,22 +54,6 @@ def _overload(target):
     return target
 
 
-def _meta_value(node):
-    meta = getattr(node, "meta", {})
-    return meta.get("val", meta.get("example_value"))
-
-
-def node_devices(node: fx.Node) -> set[str]:
-    """Device types of the tensors ``node`` reads (from FX meta: ``val`` or Dynamo's ``example_value``)."""
-    devices = set()
-    for arg in pytree.tree_leaves((node.args, node.kwargs)):
-        if isinstance(arg, fx.Node):
-            for v in pytree.tree_leaves(_meta_value(arg)):
-                if isinstance(v, torch.Tensor):
-                    devices.add(v.device.type)
-    return devices
-
-
 def _same_signature(ref, fused) -> bool:
     try:
         a, b = ref._schema, fused._schema
@@ -91,20 +75,14 @@ def load_fused_ops() -> dict:
     return dict(table or {})
 
 
-def lower_stream_ops(gm: fx.GraphModule, fused: dict | None = None, *, cuda_only: bool = True) -> int:
+def lower_stream_ops(gm: fx.GraphModule, fused: dict | None = None) -> int:
     """Swap reference stream ops for fused ones (see module docstring); returns how many nodes changed.
 
-    ``fused``: ``{reference OpOverload: fused OpOverload}``; ``None`` loads
-    :func:`hc_rewrite.kernels.fused_ops` lazily, and only when a stream op reads CUDA tensors.
-    ``cuda_only``: lower only nodes whose inputs are known (from FX meta) to be on a CUDA device.
-    A fused op whose schema arity differs from the reference is skipped with a warning.
+    ``fused``: ``{reference OpOverload: fused OpOverload}``; ``None`` loads :func:`hc_rewrite.kernels.fused_ops`
+    (lazily: only when the graph holds a stream op). A fused op whose schema arity differs from the reference
+    is skipped with a warning.
     """
-    candidates = []
-    for node in stream_op_nodes(gm):
-        devices = node_devices(node)
-        if cuda_only and (not devices or devices != {"cuda"}):
-            continue
-        candidates.append(node)
+    candidates = stream_op_nodes(gm)
     if not candidates:
         return 0
     table = load_fused_ops() if fused is None else fused

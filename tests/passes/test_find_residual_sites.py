@@ -5,17 +5,16 @@ import torch
 import torch.nn as nn
 
 from hc_rewrite.capture import capture
-from hc_rewrite.passes import find_residual_sites, remove_metadata_asserts, restore_dropout_modules
+from hc_rewrite.passes import find_residual_sites, remove_metadata_asserts
+
+from ..helpers import analysed
 
 ADD = torch.ops.aten.add.Tensor
 
 
 def _prepare(model, args):
-    gm = capture(model, args).gm
-    remove_metadata_asserts(gm)
-    restore_dropout_modules(gm)
-    gm.eval()  # the restored dropout modules follow the module's mode
-    return gm
+    """The graph as the pipeline hands it to this pass."""
+    return analysed(model, args, until="find_residual_sites").gm
 
 
 def _graph_sig(gm):

@@ -4,25 +4,18 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hc_rewrite.capture import capture
-from hc_rewrite.passes import (
-    find_residual_sites,
-    group_residual_streams,
-    remove_metadata_asserts,
-    restore_dropout_modules,
-)
+from hc_rewrite.passes import find_residual_sites, group_residual_streams, infer_feature_axes
+
+from ..helpers import analysed
 
 
 def _prepare(model, args):
-    gm = capture(model, args).gm
-    remove_metadata_asserts(gm)
-    restore_dropout_modules(gm)
-    gm.eval()
-    return gm
+    """The graph as the pipeline hands it to the detection passes."""
+    return analysed(model, args, until="find_residual_sites").gm
 
 
 def _group(gm):
-    sites = find_residual_sites(gm)
+    sites = infer_feature_axes(gm, find_residual_sites(gm))
     sig, code = [(n.op, str(n.target), n.name) for n in gm.graph.nodes], gm.code
     streams = group_residual_streams(gm, sites)
     assert [(n.op, str(n.target), n.name) for n in gm.graph.nodes] == sig and gm.code == code

@@ -5,34 +5,26 @@ from collections import Counter
 import pytest
 import torch
 
-from hc_rewrite.capture import capture
-from hc_rewrite.connections import FracSite, HCSite, MHCSite
-from hc_rewrite.passes import (
-    find_residual_sites,
-    group_residual_streams,
-    insert_hyper_connections,
-    remove_metadata_asserts,
-    restore_dropout_modules,
-)
+from hc_rewrite import variants
+from hc_rewrite.passes import insert_hyper_connections
 from hc_rewrite.spec import make_spec
+
+from ..helpers import analysed
 
 ADD = torch.ops.aten.add.Tensor
 LN = torch.ops.aten.layer_norm.default
-START = {"mhc": "expand_stream", "hc": "expand_stream", "frac": "split_fractions"}
-END = {"mhc": "reduce_stream", "hc": "reduce_stream", "frac": "merge_fractions"}
-COEFF = {"mhc": "mhc_coeffs", "hc": "hc_coeffs", "frac": "frac_coeffs"}
-PRE = {"mhc": "stream_pre", "hc": "stream_pre", "frac": "frac_pre"}
-SITE_CLS = {"mhc": MHCSite, "hc": HCSite, "frac": FracSite}
+# what each variant declares it emits (hc_rewrite.variants): the graph must hold exactly those ops
+START = {v.name: v.expand_name for v in variants.all_variants()}
+END = {v.name: v.reduce_name for v in variants.all_variants()}
+COEFF = {v.name: v.coeff_name for v in variants.all_variants()}
+PRE = {v.name: v.pre_name for v in variants.all_variants()}
+PARAMS_CLS = {v.name: v.params for v in variants.all_variants()}
 
 
 def _pipeline(model, args):
-    gm = capture(model, args).gm
-    remove_metadata_asserts(gm)
-    restore_dropout_modules(gm)
-    gm.eval()
-    sites = find_residual_sites(gm)
-    streams = group_residual_streams(gm, sites)
-    return gm, sites, streams
+    """The graph, sites and streams as the pipeline hands them to this pass."""
+    ctx = analysed(model, args)
+    return ctx.gm, ctx.sites, ctx.streams
 
 
 def _count(gm, target):
@@ -40,7 +32,7 @@ def _count(gm, target):
 
 
 @pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "static"])
-@pytest.mark.parametrize("variant", ["mhc", "frac", "hc"])
+@pytest.mark.parametrize("variant", variants.NAMES)
 def test_prenorm_rewrite(variant, dynamic, toys, make_toy, hx):
     model, x, x2 = make_toy(toys.PreNormMLP, p=0.1)
     gm, sites, streams = _pipeline(model, (x,))
@@ -68,7 +60,7 @@ def test_prenorm_rewrite(variant, dynamic, toys, make_toy, hx):
     names = [nm for nm, _ in gm.hc.named_children()]
     assert names == ["s0_0", "s0_1", "s0_2"]
     for i, (_, mod) in enumerate(gm.hc.named_children()):
-        assert isinstance(mod, SITE_CLS[variant]) and mod.dynamic == dynamic and mod.n == 4
+        assert isinstance(mod, PARAMS_CLS[variant]) and mod.dynamic == dynamic and mod.n == 4
         if variant == "mhc":
             assert (mod.b_res is None) == (i == 2)  # the last site of a stream has no H_res
             assert (mod.phi is None) == (not dynamic)
@@ -82,7 +74,7 @@ def test_prenorm_rewrite(variant, dynamic, toys, make_toy, hx):
     assert hx.rel_err(model(x3), gm(x3)) <= 1e-5
 
 
-@pytest.mark.parametrize("variant", ["mhc", "frac", "hc"])
+@pytest.mark.parametrize("variant", variants.NAMES)
 def test_postnorm_layer_norm_lifted(variant, toys, make_toy, hx):
     model, x, x2 = make_toy(toys.PostNormNet, layers=3)
     gm, sites, streams = _pipeline(model, (x,))

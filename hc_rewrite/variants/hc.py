@@ -1,0 +1,61 @@
+"""HC: Hyper-Connections (arXiv 2409.19606).
+
+``n`` copies of the stream; static width / depth connections ``A_m`` (branch input weights), ``A_r``
+(residual mixing), ``B`` (branch output weights) plus ``s * tanh(norm(W) @ W_*)`` per token when dynamic
+(:func:`hc_rewrite.ops.reference.hc_coeffs`).
+
+Function-preserving init: the paper's, ``A_m = e_(k mod n)`` for the site at position ``k``, ``A_r = I``,
+``B = 1``, dynamic weights 0, identical copies: every copy stays the original stream at init, and the
+one-hot ``A_m`` breaks the symmetry as training starts. The tanh scale is fixed at 0.01.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops import reference as ref
+from .base import ConnectionParams, OpDef, Variant
+
+
+class HCParams(ConnectionParams):
+    """``a_m [n]``, ``a_r [n, n]``, ``b [n]``; dynamic: ``w_m [C]``, ``w_r [C, n]``, ``w_b [C]``."""
+
+    variant = "hc"
+    coeff_inputs = ("a_m", "a_r", "b", "w_m", "w_r", "w_b")
+
+    def __init__(self, n, width, dynamic, index=0, dtype=None, device=None):
+        super().__init__(n, width, dynamic)
+        kw = {"dtype": dtype, "device": device}
+        a_m = torch.zeros(n, **kw)
+        a_m[index % n] = 1.0
+        self.a_m = nn.Parameter(a_m)
+        self.a_r = nn.Parameter(torch.eye(n, **kw))
+        self.b = nn.Parameter(torch.ones(n, **kw))
+        if dynamic:
+            self.w_m = nn.Parameter(torch.zeros(width, **kw))
+            self.w_r = nn.Parameter(torch.zeros(width, n, **kw))
+            self.w_b = nn.Parameter(torch.zeros(width, **kw))
+        else:
+            for name in ("w_m", "w_r", "w_b"):
+                self.register_parameter(name, None)
+
+
+class HC(Variant):
+    name = "hc"
+    summary = "Hyper-Connections (arXiv 2409.19606)"
+    params = HCParams
+    coeff_name, pre_name = "hc_coeffs", "stream_pre"
+    own_ops = {
+        "hc_coeffs": OpDef(
+            "hc_coeffs(Tensor w, Tensor a_m, Tensor a_r, Tensor b, Tensor? w_m, Tensor? w_r, Tensor? w_b) "
+            "-> (Tensor, Tensor, Tensor)", ref.hc_coeffs),
+    }
+    fused_ops = ("hc_coeffs", "stream_pre", "stream_post")
+    kernel_modules = ("post", "pre", "hc_frac")
+    fused_pre = "hc_pre"
+
+    def new_params(self, spec, row_width, index, is_last, generator, **kw):
+        return HCParams(spec.n, row_width, spec.dynamic, index=index, **kw)
+
+
+VARIANT = HC()
