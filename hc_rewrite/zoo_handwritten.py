@@ -262,6 +262,23 @@ class MLPMixer(nn.Module):
         return self.norm(self.blocks(x)).mean(1)
 
 
+class SameTensorTwoLayouts(nn.Module):
+    """One tensor [B, 16, 16] read channels-first by conv blocks, then channels-last by Linear blocks, then
+    channels-first again: each stream starts from the last value of the previous one."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = (nn.Conv1d(16, 16, 3, padding=1) for _ in range(3))
+        self.l1, self.l2 = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        x = x + self.c1(x)
+        x = x + self.c2(x)
+        x = x + self.l1(x)
+        x = x + self.l2(x)
+        return x + self.c3(x)
+
+
 def _image(default_size):
     def make(batch=2, seq=None, generator=None, size=None):
         size = size or default_size

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import hc_rewrite
 from hc_rewrite.stream_value import StreamError
 from hc_rewrite.zoo import ZOO
+from hc_rewrite.zoo_handwritten import SameTensorTwoLayouts
 
 from .helpers import rel_err, snapshot
 
@@ -450,27 +451,10 @@ def test_models_sharing_an_input_tensor_keep_their_own_streams():
     assert type(h) is torch.Tensor and not hasattr(h, "_hc_info")
 
 
-class _SameValueTwoLayouts(nn.Module):
-    """One tensor [B, 16, 16] read channels-first by conv blocks, then channels-last by Linear blocks, then
-    channels-first again: each stream starts from the last value of the previous one."""
-
-    def __init__(self):
-        super().__init__()
-        self.c1, self.c2, self.c3 = (nn.Conv1d(16, 16, 3, padding=1) for _ in range(3))
-        self.l1, self.l2 = nn.Linear(16, 16), nn.Linear(16, 16)
-
-    def forward(self, x):
-        x = x + self.c1(x)
-        x = x + self.c2(x)
-        x = x + self.l1(x)
-        x = x + self.l2(x)
-        return x + self.c3(x)
-
-
 @pytest.mark.parametrize("variant", ["mhc", "frac", "hc"])
 def test_stream_starting_from_another_streams_value(variant):
     torch.manual_seed(0)
-    model, x = _SameValueTwoLayouts().eval(), torch.randn(2, 16, 16)
+    model, x = SameTensorTwoLayouts().eval(), torch.randn(2, 16, 16)
     new = hc_rewrite.rewrite(model, (x,), variant=variant)
     rep = new.hc_report
     assert not rep.refused and [(s.layout, s.sites) for s in rep.streams] == [

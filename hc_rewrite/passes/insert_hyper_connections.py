@@ -109,11 +109,15 @@ def insert_hyper_connections(gm: fx.GraphModule, streams: list[Stream], spec, se
     variant = variants.get(spec.variant)
     order = {node: i for i, node in enumerate(g.nodes)}
     dead, rewritten = [], 0
+    # a value of an earlier stream that its readers now read reduced: a later stream that starts from it (the
+    # same tensor read in another layout) starts from the reduction, so the original add does not stay alive
+    reduced_of: dict = {}
     for stream in streams:
+        root = reduced_of.get(stream.root, stream.root)
         root_val = val(stream.root)
         channel_first = stream.feature_dim == 1
-        cur = _Cursor(g, stream.root)
-        start_in = cur.call(_MOVEDIM, (stream.root, 1, -1)) if channel_first else stream.root
+        cur = _Cursor(g, root)
+        start_in = cur.call(_MOVEDIM, (root, 1, -1)) if channel_first else root
         wide = {stream.root: variant.expand(cur.emit, start_in, spec.n)}
         ours = {wide[stream.root], start_in}
         for site in sorted(stream.sites, key=lambda s: order[s.add]):
@@ -125,9 +129,10 @@ def insert_hyper_connections(gm: fx.GraphModule, streams: list[Stream], spec, se
             holder.add_module(name, params)
             cur = _Cursor(g, w)
             branch_in, h_post, h_res = _emit_site(cur, spec, w, name, params, channel_first)
-            for user in list(site.skip.users):
+            skip = root if site.skip is stream.root else site.skip
+            for user in list(skip.users):
                 if user in site.region:
-                    user.replace_input_with(site.skip, branch_in)
+                    user.replace_input_with(skip, branch_in)
             cur = _Cursor(g, site.add)
             y = site.branch
             if site.alpha != 1:
@@ -152,7 +157,7 @@ def insert_hyper_connections(gm: fx.GraphModule, streams: list[Stream], spec, se
         site_of_skip = {(s.skip, s.add) for s in stream.sites}
         for value, w in wide.items():
             if value is stream.root:
-                continue  # reduce(expand(x)) is x: readers of the root keep reading it
+                continue  # reduce(expand(x)) is x: readers of the root keep reading it (or its reduction)
             reduced = None
             for user in list(value.users):
                 if user in ours or (value, user) in site_of_skip:
@@ -165,6 +170,7 @@ def insert_hyper_connections(gm: fx.GraphModule, streams: list[Stream], spec, se
                     if channel_first:
                         reduced = rcur.call(_MOVEDIM, (reduced, -1, 1))
                 user.replace_input_with(value, reduced)
+                reduced_of[value] = reduced
                 stream.ends.append((value.name, user.name))
     for node in sorted(set(dead), key=lambda n: -order[n]):
         if not node.users:

@@ -144,3 +144,24 @@ def test_second_rewrite_refused(toys, make_toy, hx):
     with pytest.raises(ValueError, match="already"):
         insert_hyper_connections(gm, streams, make_spec("mhc", 4, True))
     assert gm.code == code
+
+
+@pytest.mark.parametrize("variant", variants.NAMES)
+def test_stream_starting_from_another_streams_value(variant):
+    """One tensor read channels-first, then channels-last, then channels-first: each stream starts from the
+    reduction of the previous one, so no original add stays alive and every new parameter is used."""
+    from hc_rewrite.zoo_handwritten import SameTensorTwoLayouts
+
+    torch.manual_seed(0)
+    model, x = SameTensorTwoLayouts().eval(), torch.randn(2, 16, 16)
+    gm, sites, streams = _pipeline(model, (x,))
+    assert [(st.feature_dim, len(st.sites)) for st in streams] == [(1, 2), (-1, 2), (1, 1)]
+    assert _count(gm, ADD) == 5
+    insert_hyper_connections(gm, streams, make_spec(variant, 4))
+    assert _count(gm, ADD) == 0  # every residual add became a post, none kept beside it
+    assert _count(gm, getattr(torch.ops.hc_rewrite, START[variant]).default) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+    gm.train()
+    gm(x).pow(2).mean().backward()
+    assert not [n for n, p in gm.hc.named_parameters() if p.grad is None]
