@@ -322,14 +322,15 @@ def _conv_groups(node: fx.Node) -> int:
     return node.args[6] if len(node.args) > 6 else 1
 
 
-def feature_axis_votes(site: Site, gm: fx.GraphModule) -> tuple[set, set]:
+def feature_axis_votes(site: Site, gm: fx.GraphModule, order: dict | None = None) -> tuple[set, set]:
     """``(normalised, contracted)``: the stream dims (indices into the skip's shape) that the branches of
-    ``site`` normalise over, and those they contract first."""
+    ``site`` normalise over, and those they contract first. ``order``: graph positions (computed if absent)."""
+    order = order or {n: i for i, n in enumerate(gm.graph.nodes)}
     rank = _rank(site.skip)
     walk = _Walk(gm, rank)
     state = {site.skip: [frozenset({d}) for d in range(rank)]}
-    for node in gm.graph.nodes:  # graph order is a topological order
-        if node not in site.region or node in state:
+    for node in sorted(site.region, key=order.__getitem__):  # graph order is a topological order
+        if node in state:
             continue
         if not any(i in state for i in node.all_input_nodes):
             continue
@@ -345,11 +346,12 @@ def feature_axis_votes(site: Site, gm: fx.GraphModule) -> tuple[set, set]:
 def infer_feature_axes(gm: fx.GraphModule, sites: list[Site]) -> list[Site]:
     """Set ``channel_first`` on every site, or ``reason`` where its feature axis cannot be told (see module
     docstring). Sites already refused are left alone. Returns ``sites``."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for site in sites:
         if site.reason:
             continue
         rank = _rank(site.skip)
-        norms, contracted = feature_axis_votes(site, gm)
+        norms, contracted = feature_axis_votes(site, gm, order)
         # a norm names the feature axis even when the branch then contracts another one (MLP-Mixer's token
         # mixing: LayerNorm over C, then Linear layers over the tokens)
         votes = norms if len(norms) == 1 else norms | contracted
