@@ -46,8 +46,10 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
 def _cmd_models(args) -> int:
     from .zoo import ZOO
 
+    wn = max(len(e.name) for e in ZOO.values())
+    wf = max(len(e.family) for e in ZOO.values())
     for e in ZOO.values():
-        print(f"{e.name:20s} {e.family:20s} {e.notes}")
+        print(f"{e.name:{wn}s}  {e.family:{wf}s}  {e.notes}".rstrip())
     return 0
 
 
