@@ -18,13 +18,15 @@ dimensions; the first op that mixes values across one of them casts a vote:
   second-to-last of the right one; the last of a query / key);
 * a (non-depthwise) convolution, ``group_norm``, ``batch_norm``, ``instance_norm``: the channel dimension (1);
 * a single-dimension ``mean`` / ``var`` (RMSNorm's mean of squares; also token pooling): that dimension;
-* normalisation ops name the axis they normalise: ``layer_norm`` over one dimension, and ``group_norm`` /
+* normalisation ops name the axis they normalise: ``layer_norm`` / ``rms_norm`` over one dimension, and ``group_norm`` /
   ``batch_norm`` / ``instance_norm`` (dimension 1).
 
 Contractions stop the walk (what comes after no longer carries the skip's dimensions); norms do not. The axis
 the branch normalises wins when there is one (MLP-Mixer's token mixing normalises over C, then contracts the
 tokens); otherwise every first contraction must name the same axis. A site is channels-last when that axis is
-the last one, channels-first when it is dimension 1 of a rank >= 3 stream; no vote, votes for several
+the last one, channels-first when it is dimension 1 of a rank >= 3 stream. When no op of the branch is one
+the walk reads, the last dim (dim 1 with a convolution in the branch) is taken if its size is static (a
+dynamic capture leaves batch, sequence and image sizes symbolic). No vote and no static guess, votes for several
 dimensions, any other dimension, or a feature axis whose size depends on the input (a sequence length) is
 refused with the reason. Dimensions that no op ever mixes (batch, and positions outside attention) cast no vote;
 the width of the connection is the size of the voted axis.
@@ -47,6 +49,8 @@ _MM_LIKE = {  # target -> (position of the left operand, position of the right o
     torch.matmul: (0, 1), torch.bmm: (0, 1), torch.mm: (0, 1), operator.matmul: (0, 1),
 }
 _LINEAR = {aten.linear.default, torch.nn.functional.linear}
+_EINSUM = {aten.einsum.default, torch.einsum}
+_RMS_NORMS = {aten.rms_norm.default, getattr(torch.nn.functional, "rms_norm", None)} - {None}
 _SDPA = {aten.scaled_dot_product_attention.default, torch.nn.functional.scaled_dot_product_attention}
 _CHANNEL_NORMS = {
     aten.group_norm.default, aten.native_group_norm.default, aten.batch_norm.default,
@@ -210,7 +214,10 @@ class _Walk:
             return None
         if dims is None:
             return _broadcast(node, state) if _is_elementwise(t) else None
-        if t in LAYER_NORM_TARGETS:
+        if t in _EINSUM:
+            self._einsum(node, state)
+            return None
+        if t in LAYER_NORM_TARGETS or t in _RMS_NORMS:
             normalized = args[1] if len(args) > 1 else node.kwargs.get("normalized_shape")
             if normalized is not None and len(normalized) == 1:
                 self.vote(dims[-1], norm=True)
@@ -256,6 +263,20 @@ class _Walk:
             return _broadcast(node, state)
         return None
 
+    def _einsum(self, node: fx.Node, state: dict) -> None:
+        """``einsum(eq, operands)``: each stream-derived operand votes for its letters that the output drops."""
+        eq, operands = node.args[0], node.args[1]
+        if "..." in eq or "->" not in eq:
+            return
+        ins, out = eq.replace(" ", "").split("->")
+        for letters, x in zip(ins.split(","), operands):
+            dims = state.get(x) if isinstance(x, fx.Node) else None
+            if dims is None or len(letters) != len(dims):
+                continue
+            for k, letter in enumerate(letters):
+                if letter not in out:
+                    self.vote(dims[k])
+
     def _module(self, node: fx.Node, state: dict):
         """symbolic_trace graphs: modules called by name."""
         mod = self.gm.get_submodule(node.target)
@@ -272,7 +293,7 @@ class _Walk:
                 return list(dims)
             self.vote(dims[1])
             return None
-        if isinstance(mod, nn.LayerNorm):
+        if isinstance(mod, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
             if len(mod.normalized_shape) == 1:
                 self.vote(dims[-1], norm=True)
             return list(dims)
@@ -355,9 +376,11 @@ def infer_feature_axes(gm: fx.GraphModule, sites: list[Site]) -> list[Site]:
         # a norm names the feature axis even when the branch then contracts another one (MLP-Mixer's token
         # mixing: LayerNorm over C, then Linear layers over the tokens)
         votes = norms if len(norms) == 1 else norms | contracted
+        if not votes:  # no op the walk reads: the one static dim among the last and (with a conv) the second
+            votes = _static_guess(site, gm, rank)
         if not votes:
             site.reason = ("cannot tell the stream's feature axis: no op of the branch contracts or normalises "
-                           "one dimension of the skip " + _shape(site.skip))
+                           "one dimension of the skip " + _shape(site.skip) + " and its size does not tell")
             continue
         if len(votes) > 1:
             names = ", ".join(str(d) for d in sorted(votes))
@@ -378,6 +401,16 @@ def infer_feature_axes(gm: fx.GraphModule, sites: list[Site]) -> list[Site]:
             site.reason = (f"the feature axis (dimension {axis}) of the skip {_shape(site.skip)} has a size that "
                            "depends on the input: it is a sequence or image dimension, not a hidden size")
     return sites
+
+
+def _static_guess(site: Site, gm: fx.GraphModule, rank: int) -> set:
+    """Where the walk found no vote (an op it does not read comes first): the last dim, or dim 1 when the branch
+    holds a convolution, provided its size is static (under a dynamic capture, batch, sequence and image dims
+    are symbolic and hidden sizes are not). Empty when that dim is input-sized."""
+    conv = rank >= 3 and any(n.op == "call_function" and n.target in CONV_TARGETS for n in site.region)
+    axis = 1 if conv else rank - 1
+    size = val(site.skip).shape[axis]
+    return {axis} if isinstance(size, int) or _is_static(size) else set()
 
 
 def _is_static(size) -> bool:

@@ -130,3 +130,45 @@ class ChannelAttention(nn.Module):
 def test_feature_axis_of_dynamic_size_is_refused():
     (site,) = _sites(ChannelAttention(), torch.randn(2, 7, 16))
     assert "depends on the input" in site.reason and "dimension 1" in site.reason
+
+
+class EinsumRMS(nn.Module):
+    """``nn.RMSNorm`` (``aten.rms_norm``) and an einsum projection: both read as votes for the last axis."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.norm, self.w = nn.RMSNorm(c), nn.Parameter(torch.randn(c, c) / 4)
+        self.norm2 = nn.RMSNorm(c)
+
+    def forward(self, x):
+        x = x + torch.einsum("btc,cd->btd", self.norm(x), self.w)
+        return x + torch.einsum("btc,dc->btd", x, self.w)
+
+
+class CumsumMix(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.fc = nn.Linear(c, c)
+
+    def forward(self, x):
+        return self.fc(torch.cumsum(x, dim=1))
+
+
+class UnreadFirstOp(nn.Module):
+    """The branch starts with an op the walk does not read (``cumsum``): the static last dim is the guess."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = CumsumMix()
+
+    def forward(self, x):
+        return x + self.mix(x)
+
+
+def test_rms_norm_einsum_and_the_static_guess():
+    torch.manual_seed(0)
+    for model in (EinsumRMS().eval(), UnreadFirstOp().eval()):
+        x = torch.randn(2, 6, 16)
+        sites = _sites(model, x)
+        assert sites and all(not s.reason and not s.channel_first for s in sites), [s.reason for s in sites]
+        _rewrite_exact(model, x, torch.randn(3, 9, 16))
