@@ -150,7 +150,10 @@ def _to_last(t: torch.Tensor, info: StreamInfo) -> torch.Tensor:
 
 
 def _from_last(t: torch.Tensor, info: StreamInfo) -> torch.Tensor:
-    return t.movedim(-1, 1) if info.feature_dim == 1 else t
+    """Back to channels first, in the memory format the user's convolutions get from the original model: a
+    ``movedim`` view alone hands them channels-last strides, on which oneDNN's 1x1-convolution weight gradient
+    (avx512) was seen to crash the process (SIGSEGV in ``jit_avx512_common_1x1_convolution_bwd_weights``)."""
+    return t.movedim(-1, 1).contiguous() if info.feature_dim == 1 else t
 
 
 def _widen(x: torch.Tensor, info: StreamInfo) -> torch.Tensor:
