@@ -38,7 +38,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..graph_utils import CONV_TARGETS, LAYER_NORM_TARGETS, POOL_TARGETS, hint, val
+from ..graph_utils import CONV_TARGETS, LAYER_NORM_TARGETS, POOL_TARGETS, hint, is_conv, val
 from ..sites import Site
 
 aten = torch.ops.aten
@@ -163,8 +163,8 @@ def _broadcast(node: fx.Node, state: dict) -> list | None:
 class _Walk:
     """Forward walk of the skip's dimensions through the branch region, collecting votes."""
 
-    def __init__(self, gm: fx.GraphModule, rank: int):
-        self.gm, self.rank = gm, rank
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
         self.votes: set = set()  # dims the branch contracts first
         self.norms: set = set()  # dims the branch normalises over
 
@@ -348,7 +348,7 @@ def feature_axis_votes(site: Site, gm: fx.GraphModule, order: dict | None = None
     ``site`` normalise over, and those they contract first. ``order``: graph positions (computed if absent)."""
     order = order or {n: i for i, n in enumerate(gm.graph.nodes)}
     rank = _rank(site.skip)
-    walk = _Walk(gm, rank)
+    walk = _Walk(gm)
     state = {site.skip: [frozenset({d}) for d in range(rank)]}
     for node in sorted(site.region, key=order.__getitem__):  # graph order is a topological order
         if node in state:
@@ -407,7 +407,7 @@ def _static_guess(site: Site, gm: fx.GraphModule, rank: int) -> set:
     """Where the walk found no vote (an op it does not read comes first): the last dim, or dim 1 when the branch
     holds a convolution, provided its size is static (under a dynamic capture, batch, sequence and image dims
     are symbolic and hidden sizes are not). Empty when that dim is input-sized."""
-    conv = rank >= 3 and any(n.op == "call_function" and n.target in CONV_TARGETS for n in site.region)
+    conv = rank >= 3 and any(is_conv(n, gm) for n in site.region)
     axis = 1 if conv else rank - 1
     size = val(site.skip).shape[axis]
     return {axis} if isinstance(size, int) or _is_static(size) else set()
