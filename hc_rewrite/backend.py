@@ -6,8 +6,9 @@
 The backend compiles models returned by :func:`hc_rewrite.rewrite`: it finds the
 ``torch.ops.hc_rewrite`` stream ops in the graph Dynamo captured, lowers them to fused kernels where
 :mod:`hc_rewrite.kernels` has one and the tensors are on CUDA (the lowering stage of the pipeline,
-:func:`hc_rewrite.passes.pipeline.lower`), and hands the graph to Inductor. On CPU the reference ops
-stay and AOTAutograd decomposes them into ATen ops, which Inductor compiles like any other.
+:func:`hc_rewrite.passes.pipeline.lower`), and hands the graph to Inductor. The stream ops no kernel covers
+(on the CPU: all of them) go to Inductor in their fusible form (:mod:`hc_rewrite.ops.fusible`: the reference
+math with its small products unrolled, so Inductor fuses them into its own loops; docs/kernels.md).
 
 It never creates connection parameters: a parameter created inside a backend is invisible to
 optimizers and to ``state_dict``. A graph without any stream op (a model that was not rewritten) is an
@@ -24,6 +25,10 @@ package, and is also registered when this module is imported.
   ``"all"`` lowers on every device (the fused ops fall back to the reference math, or run under the
   Triton interpreter, off CUDA: for testing).
 * ``combos`` (bool, default True): apply the fused combinations (``fuse_stream_ops``) too.
+* ``decompose`` (bool, default True): hand Inductor the stream ops no kernel covers (all of them on the CPU)
+  in their fusible form (:mod:`hc_rewrite.ops.fusible`: the products over the stream's ``n`` unrolled, no
+  normalised copies; :mod:`hc_rewrite.passes.decompose_stream_ops`); False leaves them to AOTAutograd's
+  decomposition of the reference (for comparison).
 * ``compiler`` (default ``"inductor"``): what compiles the (lowered) graph. ``"aot_eager"`` runs
   AOTAutograd (decompositions, fake-tensor tracing of the fused ops, the joint graph) without code
   generation; ``"eager"`` runs the graph as captured. Both are for debugging, or for machines where no
@@ -53,7 +58,7 @@ log = logging.getLogger(__name__)
 BACKEND_NAME = "hc_rewrite"
 
 #: Options the backend itself reads; anything else goes to Inductor as a config patch.
-BACKEND_OPTIONS = {"fuse": True, "combos": True, "compiler": "inductor", "require_hc_ops": True}
+BACKEND_OPTIONS = {"fuse": True, "combos": True, "decompose": True, "compiler": "inductor", "require_hc_ops": True}
 COMPILERS = ("inductor", "aot_eager", "eager")
 
 FIX = (
@@ -131,8 +136,9 @@ def hc_rewrite_backend(gm: fx.GraphModule, example_inputs, *, options: dict | No
                     "(rewrite(form='module'), the default) run their stream ops eagerly between compiled graphs; "
                     "hc_rewrite.compile_stream_ops(model) hands them to this backend; rewrite(form='graph') gives "
                     "one graph whose stream ops this backend fuses")
-    lowered = lower(gm, everywhere=ours["fuse"] == "all", combos=ours["combos"]) if ours["fuse"] and nodes else 0
-    log.info("hc_rewrite backend: %d stream ops, %d fused ops inserted", len(nodes), lowered)
+    lowered = lower(gm, everywhere=ours["fuse"] == "all", combos=ours["combos"], kernels=bool(ours["fuse"]),
+                    decompose=bool(ours["decompose"])) if nodes else 0
+    log.info("hc_rewrite backend: %d stream ops, %d fused, swapped or decomposed", len(nodes), lowered)
     compiler = ours["compiler"]
     if compiler != "inductor":
         if compiler == "eager":

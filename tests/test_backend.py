@@ -172,21 +172,33 @@ def test_unknown_option_is_an_error():
     assert err is not None and "no_such_option" in str(err)
 
 
-def test_cpu_graph_keeps_reference_ops_without_inductor():
-    """On CPU nothing is lowered: the graph handed on still calls the reference stream ops."""
+def test_cpu_graph_gets_no_kernels_and_the_fusible_forms():
+    """On CPU no kernel goes in: the graph handed on calls the reference stream ops, except those with a fusible
+    form (hc_rewrite.ops.fusible), which it calls instead; ``decompose=False`` keeps them all."""
+    from hc_rewrite.ops import fusible
+
     _, x, model = _toy("mhc", n=4)
-    seen = []
+    for decompose in (True, False):
+        seen = []
 
-    def recording(gm, example_inputs, **kw):
-        compiled = hcb.hc_rewrite_backend(gm, example_inputs, options={"compiler": "eager"})
-        seen.append({str(n.target) for n in stream_op_nodes(gm)})
-        return compiled
+        def recording(gm, example_inputs, **kw):
+            compiled = hcb.hc_rewrite_backend(gm, example_inputs,
+                                              options={"compiler": "eager", "decompose": decompose})
+            seen.append(({str(n.target) for n in stream_op_nodes(gm)},
+                         {n.target for n in gm.graph.nodes if n.op == "call_function"}))
+            return compiled
 
-    compiled = torch.compile(model, backend=recording, fullgraph=True)
-    torch.testing.assert_close(compiled(x), model(x))
-    assert len(seen) == 1
-    assert {"hc_rewrite.mhc_coeffs.default", "hc_rewrite.stream_pre.default",
-            "hc_rewrite.stream_post.default", "hc_rewrite.expand_stream.default"} <= seen[0]
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=recording, fullgraph=True)
+        torch.testing.assert_close(compiled(x), model(x))
+        assert len(seen) == 1
+        ops, targets = seen[0]
+        assert {"hc_rewrite.mhc_coeffs.default", "hc_rewrite.stream_pre.default",
+                "hc_rewrite.expand_stream.default"} <= ops
+        assert not any(str(t).startswith("hc_fused") for t in targets)
+        assert ("hc_rewrite.stream_post.default" in ops) == (not decompose)
+        assert (fusible.stream_post in targets) == decompose
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("variant", variants.NAMES)

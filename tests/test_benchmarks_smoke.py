@@ -47,3 +47,32 @@ def test_forms_tiny(tmp_path):
     assert {(r["variant"], r["form"]) for r in rows} == {
         ("residual", "-"), *((v, f) for v in ("mhc", "frac", "hc") for f in ("graph", "module"))}
     assert all(math.isfinite(r["step_ms"]) and r["step_ms"] > 0 for r in rows)
+
+
+def test_e2e_pypi_rows(tmp_path):
+    """The PyPI package's rows (``hyper-connections``, the ``bench`` extra, installed with the tests) run in the same
+    interleaved harness and write their rows; each adds its connection parameters to the residual stack."""
+    out = tmp_path / "e2e.json"
+    proc = _run("benchmarks.e2e", "--tiny", "--variants", "residual", "pypi-mhc", "pypi-frac", "pypi-hc",
+                "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["variant"] for r in runs] == ["residual", "pypi-mhc", "pypi-frac", "pypi-hc"]
+    for r in runs:
+        assert math.isfinite(r["step_ms"]) and math.isfinite(r["loss"]) and len(r["times_ms"]) == 3
+        assert r["variant"] == "residual" or r["params"] > runs[0]["params"]
+
+
+def test_pypi_stack_wires_the_same_layers():
+    """The PyPI rows wrap the residual stack's own layers: its HC (identical copies, one-hot input weights at init)
+    computes the residual stack's function (4 summed copies, then the scale-free final RMSNorm)."""
+    from benchmarks.e2e import GPTStack
+    from benchmarks.pypi_stacks import PyPIStack
+
+    torch.manual_seed(0)
+    base = GPTStack(64, 2)
+    x = torch.randn(2, 16, 64)
+    hc = PyPIStack(base, 64, "pypi-hc")
+    assert {id(p) for p in base.parameters()} < {id(p) for p in hc.parameters()}
+    with torch.no_grad():
+        torch.testing.assert_close(hc(x), base(x), atol=1e-5, rtol=1e-5)

@@ -94,14 +94,28 @@ def sinkhorn_log(logits: torch.Tensor, iters: int = SINKHORN_ITERS) -> torch.Ten
     return z.exp()
 
 
-def rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """RMSNorm without a weight (a weight would be redundant with the projection that follows)."""
+def rms_project(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``RMSNorm(x) @ weight`` (RMSNorm without a weight over the last dim: a weight would be redundant with the
+    projection), with the per-row scale applied after the product: the same math, but the normalised copy of ``x``
+    is never made (eager or compiled, the product reads ``x`` itself)."""
     x = _acc(x)
-    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (x @ _acc(weight)) * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+
+
+def ln_project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``layer_norm(x) @ weight`` (no affine; over the last dim)."""
+    return F.layer_norm(_acc(x), (x.shape[-1],)) @ _acc(weight)
+
+
+def small_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` where the contracted dim is the stream's ``n`` (a handful): the coefficient matrices of the
+    sites. Eager: one (batched) matmul. :mod:`hc_rewrite.ops.fusible` swaps in a form Inductor fuses."""
+    return torch.matmul(a, b)
 
 
 # ----------------------------------------------------------------------------- mHC
-def mhc_coeffs(w, phi, alpha, b_pre, b_post, b_res, eps: float = 1e-6, iters: int = SINKHORN_ITERS):
+def mhc_coeffs(w, phi, alpha, b_pre, b_post, b_res, eps: float = 1e-6, iters: int = SINKHORN_ITERS, *,
+               project=rms_project):
     """mHC coefficients (DeepSeek arXiv 2512.24880, eqs. 5-8), in fp32.
 
     ``w``: ``[..., n, C]``. Dynamic form when ``phi`` is given: ``r = RMSNorm(vec(w))`` over all
@@ -111,15 +125,14 @@ def mhc_coeffs(w, phi, alpha, b_pre, b_post, b_res, eps: float = 1e-6, iters: in
     stream, where a column-stochastic ``H_res`` cancels under the mean reduction and would be dead).
 
     Returns ``h_pre [..., n]`` (sigmoid), ``h_post [..., n]`` (2 * sigmoid), ``h_res [..., n, n]``
-    (Sinkhorn) or ``None``.
+    (Sinkhorn) or ``None``. ``project``: how ``RMSNorm(x) @ phi`` is computed (:func:`rms_project`).
     """
     n = w.shape[-2]
     if phi is None:
         pre_l, post_l = _acc(b_pre), _acc(b_post)
         res_l = None if b_res is None else _acc(b_res)
     else:
-        r = rms_normalize(w.flatten(-2), eps)
-        logits = r @ _acc(phi)
+        logits = project(w.flatten(-2), phi, eps)
         a = _acc(alpha)
         pre_l = a[0] * logits[..., :n] + _acc(b_pre)
         post_l = a[1] * logits[..., n:2 * n] + _acc(b_post)
@@ -133,45 +146,49 @@ def mhc_coeffs(w, phi, alpha, b_pre, b_post, b_res, eps: float = 1e-6, iters: in
 
 
 # ----------------------------------------------------------------------------- HC and Frac
-def _dynamic_term(w: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``s * tanh(norm(w) @ weight)``: the input-dependent part of HC / Frac (norm per copy or fraction)."""
-    wn = F.layer_norm(_acc(w), (w.shape[-1],))
-    return DYNAMIC_SCALE * torch.tanh(wn @ _acc(weight))
+def _dynamic_terms(w: torch.Tensor, weights, project) -> list:
+    """``s * tanh(norm(w) @ W)`` for each ``W`` of ``weights`` (each ``[C, k]``): the input-dependent parts of HC /
+    Frac (norm per copy or fraction), from one product with the weights side by side."""
+    sizes = [wt.shape[-1] for wt in weights]
+    out = DYNAMIC_SCALE * torch.tanh(project(w, torch.cat([_acc(wt) for wt in weights], dim=-1)))
+    return list(out.split(sizes, dim=-1))
 
 
-def hc_coeffs(w, a_m, a_r, b, w_m=None, w_r=None, w_b=None):
+def hc_coeffs(w, a_m, a_r, b, w_m=None, w_r=None, w_b=None, *, project=ln_project):
     """Hyper-connection coefficients (arXiv 2409.19606, eqs. 10-13), in fp32.
 
     ``w``: ``[..., n, C]``; static parameters ``a_m [n]`` (width connection, the branch input
     weights), ``a_r [n, n]`` (residual mixing, ``x'_i = sum_j a_r[j, i] x_j``), ``b [n]`` (depth
     connection, the branch output weights). Dynamic weights ``w_m [C]``, ``w_r [C, n]``, ``w_b [C]``
-    add ``s * tanh(norm(w) @ W)`` per token.
+    add ``s * tanh(norm(w) @ W)`` per token (``project``: how ``norm(w) @ W`` is computed, :func:`ln_project`).
 
     Returns ``h_pre [..., n]``, ``h_post [..., n]``, ``h_res [..., n, n]`` with ``h_res[i, j] = A_r[j, i]``.
     """
     h_pre, h_res_t, h_post = _acc(a_m), _acc(a_r), _acc(b)
     if w_m is not None:
-        h_pre = h_pre + _dynamic_term(w, w_m.unsqueeze(-1)).squeeze(-1)
-        h_res_t = h_res_t + _dynamic_term(w, w_r)
-        h_post = h_post + _dynamic_term(w, w_b.unsqueeze(-1)).squeeze(-1)
+        d_m, d_r, d_b = _dynamic_terms(w, (w_m.unsqueeze(-1), w_r, w_b.unsqueeze(-1)), project)
+        h_pre = h_pre + d_m.squeeze(-1)
+        h_res_t = h_res_t + d_r
+        h_post = h_post + d_b.squeeze(-1)
     return h_pre, h_post, h_res_t.transpose(-1, -2)
 
 
-def frac_coeffs(w, y, a, b, w_y=None, w_a=None, w_b=None):
+def frac_coeffs(w, y, a, b, w_y=None, w_a=None, w_b=None, *, project=ln_project):
     """Frac-connection coefficients (arXiv 2503.14125), in fp32.
 
     ``w``: ``[..., m, d/m]`` fractions. Connection matrix ``[[0, B], [Y, A]]``: ``y [m, m]`` mixes the
     fractions into the branch input, ``a [m, m]`` is the residual mixing, ``b [m]`` weights each fraction
     of the branch output. Dynamic weights ``w_y [d/m, m]``, ``w_a [d/m, m]``, ``w_b [d/m]`` add
-    ``s * tanh(norm(w) @ W)`` per token (norm per fraction).
+    ``s * tanh(norm(w) @ W)`` per token (norm per fraction; ``project`` as in :func:`hc_coeffs`).
 
     Returns ``h_pre [..., m, m]`` (``Y``), ``h_post [..., m]`` (``B``), ``h_res [..., m, m]`` (``A^T``).
     """
     h_pre, h_res_t, h_post = _acc(y), _acc(a), _acc(b)
     if w_y is not None:
-        h_pre = h_pre + _dynamic_term(w, w_y)
-        h_res_t = h_res_t + _dynamic_term(w, w_a)
-        h_post = h_post + _dynamic_term(w, w_b.unsqueeze(-1)).squeeze(-1)
+        d_y, d_a, d_b = _dynamic_terms(w, (w_y, w_a, w_b.unsqueeze(-1)), project)
+        h_pre = h_pre + d_y
+        h_res_t = h_res_t + d_a
+        h_post = h_post + d_b.squeeze(-1)
     return h_pre, h_post, h_res_t.transpose(-1, -2)
 
 
@@ -181,13 +198,13 @@ def stream_pre(w: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     return (h_pre.to(w.dtype).unsqueeze(-1) * w).sum(dim=-2)
 
 
-def frac_pre(w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def frac_pre(w: torch.Tensor, y: torch.Tensor, *, matmul=small_matmul) -> torch.Tensor:
     """Branch input of Frac: ``concat_i sum_j Y[j, i] * w[j]``, ``[..., m, d/m] -> [..., d]``."""
-    mixed = torch.matmul(y.to(w.dtype).transpose(-1, -2), w)
+    mixed = matmul(y.to(w.dtype).transpose(-1, -2), w)
     return mixed.flatten(-2)
 
 
-def stream_post(w: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res) -> torch.Tensor:
+def stream_post(w: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res, *, matmul=small_matmul) -> torch.Tensor:
     """Site output: ``W'[i] = sum_j h_res[i, j] W[j] + h_post[i] * y[i]``.
 
     ``y`` is the branch output: ``[..., C]`` broadcast to every copy (mHC / HC) or ``[..., d]`` split
@@ -200,7 +217,7 @@ def stream_post(w: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res) -
     out = h_post.to(w.dtype).unsqueeze(-1) * y
     if h_res is None:
         return w + out
-    return torch.matmul(h_res.to(w.dtype), w) + out
+    return matmul(h_res.to(w.dtype), w) + out
 
 
 # ----------------------------------------------------------------------------- stream-wise ops

@@ -10,6 +10,7 @@ from .insert_hyper_connections import insert_hyper_connections
 from .place_sites_on_modules import place_sites_on_modules
 from .fuse_stream_ops import fuse_stream_ops
 from .lower_stream_ops import lower_stream_ops
+from .decompose_stream_ops import decompose_stream_ops
 
 __all__ = [
     "remove_metadata_asserts",
@@ -22,4 +23,5 @@ __all__ = [
     "place_sites_on_modules",
     "fuse_stream_ops",
     "lower_stream_ops",
+    "decompose_stream_ops",
 ]

@@ -8,7 +8,8 @@ reads the fields of a :class:`PassContext` it names and writes its result to one
                           ─▶ find_residual_sites ─▶ infer_feature_axes ─▶ group_residual_streams
             ├─▶ GRAPH_FORM:  insert_hyper_connections                           (rewrite(form="graph"))
             └─▶ MODULE_FORM: place_sites_on_modules, regrouping refused sites   (rewrite(form="module"))
-    torch.compile(backend="hc_rewrite") ──▶ LOWERING: fuse_stream_ops ─▶ lower_stream_ops   (:func:`lower`)
+    torch.compile(backend="hc_rewrite") ──▶ LOWERING: fuse_stream_ops ─▶ lower_stream_ops (CUDA)
+                                                  ─▶ decompose_stream_ops               (:func:`lower`)
 
 Users: :mod:`hc_rewrite.api` (ANALYSIS and the form's stage), :mod:`hc_rewrite.backend` (:func:`lower`),
 ``benchmarks/pass_speed.py`` and the tests (a prefix of ANALYSIS: :meth:`PassManager.until`).
@@ -28,6 +29,7 @@ from .infer_feature_axes import infer_feature_axes
 from .group_residual_streams import group_residual_streams
 from .insert_hyper_connections import insert_hyper_connections
 from .lower_stream_ops import lower_stream_ops, stream_op_nodes
+from .decompose_stream_ops import decompose_stream_ops
 from .place_sites_on_modules import place_sites_on_modules
 from .remove_metadata_asserts import remove_metadata_asserts
 from .restore_batch_norm_modules import restore_batch_norm_modules
@@ -137,11 +139,15 @@ GRAPH_FORM = PassManager.build_from_passlist([
 MODULE_FORM = PassManager.build_from_passlist([
     Pass(place_sites_regrouping, reads=("sites", "streams"), writes=("streams", "placements")),
 ])
-#: The ``hc_rewrite`` compile backend: the stream ops to the fused kernels (see :func:`lower`).
+#: The ``hc_rewrite`` compile backend: the stream ops to the fused kernels where they run, the rest to the
+#: forms Inductor fuses (see :func:`lower`).
 LOWERING = PassManager.build_from_passlist([
     Pass(fuse_stream_ops),
     Pass(lower_stream_ops, reads=("fused",)),
+    Pass(decompose_stream_ops),
 ])
+#: The passes of :data:`LOWERING` that put in fused kernels (run where the kernels run).
+KERNEL_PASSES = ("fuse_stream_ops", "lower_stream_ops")
 
 
 def analyse(gm: fx.GraphModule, spec=None) -> PassContext:
@@ -172,13 +178,19 @@ def runs_on_cuda(gm: fx.GraphModule) -> bool:
     return bool(nodes) and all(node_devices(n) == {"cuda"} for n in nodes)
 
 
-def lower(gm: fx.GraphModule, *, everywhere: bool = False, combos: bool = True, fused: dict | None = None) -> int:
-    """Run :data:`LOWERING` on ``gm`` in place where its stream ops run on CUDA (``everywhere``: on any device;
-    off CUDA the fused ops run the reference math, or the Triton interpreter: for testing). ``combos=False``
-    leaves out the fusion (single-op swaps only); ``fused`` replaces the kernels' table (tests). Returns the
-    number of nodes fused or swapped."""
-    if not (everywhere or runs_on_cuda(gm)):
-        return 0
-    passes = LOWERING if combos else LOWERING.without("fuse_stream_ops")
+def lower(gm: fx.GraphModule, *, everywhere: bool = False, combos: bool = True, fused: dict | None = None,
+          kernels: bool = True, decompose: bool = True) -> int:
+    """Run :data:`LOWERING` on ``gm`` in place. The kernel passes run where the stream ops run on CUDA
+    (``everywhere``: on any device; off CUDA the fused ops run the reference math, or the Triton interpreter: for
+    testing); ``combos=False`` leaves out the fusion (single-op swaps only), ``kernels=False`` both; ``fused``
+    replaces the kernels' table (tests). ``decompose_stream_ops`` runs on every device unless ``decompose=False``.
+    Returns the number of nodes fused, swapped or decomposed."""
+    passes = LOWERING
+    if not kernels or not (everywhere or runs_on_cuda(gm)):
+        passes = PassManager([p for p in passes.passes if p.name not in KERNEL_PASSES])
+    elif not combos:
+        passes = passes.without("fuse_stream_ops")
+    if not decompose:
+        passes = passes.without("decompose_stream_ops")
     ctx = passes(PassContext(gm, fused=fused))
     return sum(ctx.results.values())

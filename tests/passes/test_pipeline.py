@@ -1,5 +1,6 @@
 """The pass pipeline (hc_rewrite.passes.pipeline): the order of the passes, written once, is what the API, the
-compile backend and the tests run; the lowering runs only where the stream ops read CUDA tensors."""
+compile backend and the tests run; the kernel passes of the lowering run only where the stream ops read CUDA
+tensors, its decomposition everywhere."""
 import pytest
 import torch
 
@@ -15,10 +16,10 @@ def test_the_stages_and_their_order():
                               "find_residual_sites", "infer_feature_axes", "group_residual_streams"]
     assert GRAPH_FORM.names == ["insert_hyper_connections"]
     assert MODULE_FORM.names == ["place_sites_regrouping"]
-    assert LOWERING.names == ["fuse_stream_ops", "lower_stream_ops"]
+    assert LOWERING.names == ["fuse_stream_ops", "lower_stream_ops", "decompose_stream_ops"]
     assert str(ANALYSIS.until("find_residual_sites")) == (
         "remove_metadata_asserts -> restore_dropout_modules -> restore_batch_norm_modules")
-    assert LOWERING.without("fuse_stream_ops").names == ["lower_stream_ops"]
+    assert LOWERING.without("fuse_stream_ops").names == ["lower_stream_ops", "decompose_stream_ops"]
 
 
 def test_pass_manager_edits_and_context_fields():
@@ -75,35 +76,58 @@ def test_graph_form_is_analysis_then_insert(make_toy, toys, hx):
         torch.testing.assert_close(ctx.gm(x2), new(x2))
 
 
-def test_lowering_runs_only_on_cuda_unless_everywhere(make_toy, toys, monkeypatch):
+def _spies(ran):
+    """Stand-ins for the LOWERING passes, same names, recording which ran."""
+    def spy(name):
+        def fn(gm, *args):
+            ran.append(name)
+            return 0
+        fn.__name__ = name
+        return Pass(fn)
+    return [spy(name) for name in LOWERING.names]
+
+
+def test_kernel_passes_run_only_on_cuda_unless_everywhere(make_toy, toys, monkeypatch):
+    """The kernel passes run where the stream ops read CUDA tensors (or everywhere); decompose_stream_ops runs on
+    every device, unless switched off."""
     model, x, _ = make_toy(toys.PreNormMLP)
     gm = hc_rewrite.rewrite(model, (x,), variant="mhc", n=4, form="graph")
     ran = []
-    spy = Pass(lambda gm: ran.append(1) or 0)
-    monkeypatch.setattr(LOWERING, "passes", [spy])
+    monkeypatch.setattr(LOWERING, "passes", _spies(ran))
     code = gm.code
     assert not pipeline.runs_on_cuda(gm)  # CPU tensors (and nodes without device meta): not CUDA
-    assert pipeline.lower(gm) == 0 and ran == [] and gm.code == code
-    assert pipeline.lower(gm, everywhere=True) == 0 and ran == [1]
+    assert pipeline.lower(gm) == 0 and ran == ["decompose_stream_ops"] and gm.code == code
+    ran.clear()
+    pipeline.lower(gm, decompose=False)
+    assert ran == []
+    pipeline.lower(gm, everywhere=True)
+    assert ran == LOWERING.names
     monkeypatch.setattr(pipeline, "node_devices", lambda node: {"cuda"})
     assert pipeline.runs_on_cuda(gm)
-    pipeline.lower(gm)
-    assert ran == [1, 1]
+    ran.clear()
+    pipeline.lower(gm, combos=False)
+    assert ran == ["lower_stream_ops", "decompose_stream_ops"]
+    ran.clear()
+    pipeline.lower(gm, kernels=False)
+    assert ran == ["decompose_stream_ops"]
 
 
 def test_backend_lowers_through_the_pipeline(make_toy, toys, monkeypatch):
-    """The compile backend's lowering is :func:`pipeline.lower`: ``fuse="all"`` runs LOWERING on CPU too,
-    ``fuse=True`` on CPU does not, ``fuse=False`` never."""
+    """The compile backend's lowering is :func:`pipeline.lower`: ``fuse="all"`` runs the kernel passes on CPU too,
+    ``fuse=True`` on CPU does not, ``fuse=False`` never; ``decompose`` switches the last pass."""
     model, x, _ = make_toy(toys.PreNormMLP)
     gm = hc_rewrite.rewrite(model, (x,), variant="frac", n=4, form="graph")
     ran = []
-    monkeypatch.setattr(LOWERING, "passes", [Pass(lambda g: ran.append(len(g.graph.nodes)) or 0)])
-    for fuse, runs in ((True, 0), (False, 0), ("all", 1)):
+    monkeypatch.setattr(LOWERING, "passes", _spies(ran))
+    kernel_passes = ["fuse_stream_ops", "lower_stream_ops"]
+    for options, runs in (({"fuse": True}, ["decompose_stream_ops"]), ({"fuse": False}, ["decompose_stream_ops"]),
+                          ({"fuse": "all"}, kernel_passes + ["decompose_stream_ops"]),
+                          ({"fuse": "all", "decompose": False}, kernel_passes)):
         ran.clear()
         torch._dynamo.reset()
-        compiled = torch.compile(gm, backend="hc_rewrite", options={"fuse": fuse, "compiler": "eager"})
+        compiled = torch.compile(gm, backend="hc_rewrite", options={**options, "compiler": "eager"})
         torch.testing.assert_close(compiled(x), gm(x))
-        assert len(ran) == runs, fuse
+        assert ran == runs, options
     torch._dynamo.reset()
 
 

@@ -1,0 +1,80 @@
+"""The stream ops as the compiler should see them: the reference math (:mod:`hc_rewrite.ops.reference`) with its
+contractions written so that Inductor fuses them instead of calling out to a library.
+
+The reference is written for eager PyTorch: the products with the small ``[n, n]`` coefficient matrices are
+batched matmuls, the dynamic coefficients of HC and Frac normalise the stream and then project it. Eager, that
+is the fastest way. Under ``torch.compile`` both cost whole passes over the ``[T, n, C]`` stream: Inductor hands a
+batched matmul to an external kernel it cannot fuse with its neighbours (and on the CPU it calls one for every
+token's ``4 x 4`` by ``4 x C`` product), and the normalised copy is written out only for the product to read it.
+Here, with the same functions of the reference and other contractions passed in:
+
+* :func:`unrolled_matmul`: the product over ``n`` as a broadcast multiply and a sum over a dim of size ``n``.
+  Inductor unrolls a reduction of at most ``unroll_reductions_threshold`` (8) elements into pointwise code, so the
+  mixing of the stream fuses with the post's ``+ h_post * y`` into one pass (and its backward into one more);
+* :func:`centered_ln_project`: ``layer_norm(x) @ W = rstd * (x @ W - mean * sum_rows(W))``: the product reads the
+  stream itself and the two statistics come from a reduction Inductor fuses with whatever wrote the stream.
+
+mHC's ``RMSNorm(vec(W)) @ phi`` is already written that way in the reference (:func:`~hc_rewrite.ops.reference.rms_project`:
+the scale is applied after the product, which is also the fastest eager form), and Sinkhorn-Knopp on the
+``[T, n, n]`` logits is left as it is: Inductor fuses the 20 iterations into one loop over tokens.
+
+:data:`FUSIBLE` maps each op name of ``torch.ops.hc_rewrite`` to its fusible form, where it has one; the pass
+:mod:`hc_rewrite.passes.decompose_stream_ops` puts them into the graphs the ``hc_rewrite`` backend hands to
+Inductor. Every form is checked against the reference (values and gradients) on fresh random inputs in
+``tests/test_fusible.py``; the number of kernels and library calls Inductor makes of them in
+``tests/passes/test_decompose_stream_ops.py``.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference as ref
+
+
+def unrolled_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for ``a [..., k, n]``, ``b [..., n, C]`` with a small ``n``: ``sum_j a[..., i, j] * b[..., j, :]``
+    as a broadcast product summed over a size-``n`` dim (never materialised by Inductor: the sum is unrolled)."""
+    return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(dim=-2)
+
+
+def centered_ln_project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`~hc_rewrite.ops.reference.ln_project` without the normalised copy of ``x``:
+    ``rstd * (x @ W - mean * sum_rows(W))``, statistics over the last dim in fp32 (or more)."""
+    x = ref._acc(x)
+    weight = ref._acc(weight)
+    var, mean = torch.var_mean(x, dim=-1, unbiased=False, keepdim=True)
+    return (x @ weight - mean * weight.sum(dim=0)) * torch.rsqrt(var + 1e-5)
+
+
+def stream_post(w, y, h_post, h_res):
+    """:func:`~hc_rewrite.ops.reference.stream_post`, the mixing unrolled."""
+    return ref.stream_post(w, y, h_post, h_res, matmul=unrolled_matmul)
+
+
+def frac_pre(w, y):
+    """:func:`~hc_rewrite.ops.reference.frac_pre`, the mixing unrolled."""
+    return ref.frac_pre(w, y, matmul=unrolled_matmul)
+
+
+def hc_coeffs(w, a_m, a_r, b, w_m=None, w_r=None, w_b=None):
+    """:func:`~hc_rewrite.ops.reference.hc_coeffs`, projected without the normalised copy."""
+    return ref.hc_coeffs(w, a_m, a_r, b, w_m, w_r, w_b, project=centered_ln_project)
+
+
+def frac_coeffs(w, y, a, b, w_y=None, w_a=None, w_b=None):
+    """:func:`~hc_rewrite.ops.reference.frac_coeffs`, projected without the normalised copy."""
+    return ref.frac_coeffs(w, y, a, b, w_y, w_a, w_b, project=centered_ln_project)
+
+
+#: ``{op name: fusible implementation}`` (same arguments as the op's schema). The fraction ops return a copy as
+#: operators (an operator may not alias its input); in a graph the view is enough, and a copy would be a pass.
+FUSIBLE = {
+    "stream_post": stream_post,
+    "frac_pre": frac_pre,
+    "hc_coeffs": hc_coeffs,
+    "frac_coeffs": frac_coeffs,
+    "split_fractions": ref.split_fractions,
+    "merge_fractions": ref.merge_fractions,
+}
+
+__all__ = ["FUSIBLE", "unrolled_matmul", "centered_ln_project"]
