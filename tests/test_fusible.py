@@ -32,6 +32,11 @@ def _inputs(name, lead, n, c, dynamic, dtype, g):
         dyn = (r(c, scale=0.3), r(c, n, scale=0.3), r(c, scale=0.3)) if name == "hc_coeffs" else \
             (r(c, n, scale=0.3), r(c, n, scale=0.3), r(c, scale=0.3))
         return (w, *static, *(dyn if dynamic else (None, None, None)))
+    if name == "mhc_coeffs":
+        has_res = dynamic or n % 2  # None: the last site (no H_res)
+        k = 2 * n + (n * n if has_res else 0)
+        dyn = (r(n * c, k, scale=0.3), r(3 if has_res else 2)) if dynamic else (None, None)
+        return (w, *dyn, r(n), r(n), r(n, n) if has_res else None, 1e-6, 7)
     if name == "split_fractions":
         return (r(*lead, n * c), n)
     if name == "merge_fractions":

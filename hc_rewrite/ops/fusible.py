@@ -14,9 +14,13 @@ Here, with the same functions of the reference and other contractions passed in:
 * :func:`centered_ln_project`: ``layer_norm(x) @ W = rstd * (x @ W - mean * sum_rows(W))``: the product reads the
   stream itself and the two statistics come from a reduction Inductor fuses with whatever wrote the stream.
 
+* :func:`tokens_last_sinkhorn`: Sinkhorn-Knopp on the ``[T, n, n]`` logits laid out ``[n, n, T]``. Inductor puts
+  the innermost dim of a buffer in its vector lanes; with ``n x n`` innermost (16 floats, each row 4) the 20
+  iterations' ``exp`` and ``log`` ran one float at a time, with the tokens innermost they run 16 at a time and
+  the sums over a row or column are unrolled.
+
 mHC's ``RMSNorm(vec(W)) @ phi`` is already written that way in the reference (:func:`~hc_rewrite.ops.reference.rms_project`:
-the scale is applied after the product, which is also the fastest eager form), and Sinkhorn-Knopp on the
-``[T, n, n]`` logits is left as it is: Inductor fuses the 20 iterations into one loop over tokens.
+the scale is applied after the product, which is also the fastest eager form).
 
 :data:`FUSIBLE` maps each op name of ``torch.ops.hc_rewrite`` to its fusible form, where it has one; the pass
 :mod:`hc_rewrite.passes.decompose_stream_ops` puts them into the graphs the ``hc_rewrite`` backend hands to
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from ..variants.mhc import mhc_coeffs_op
 from . import reference as ref
 
 
@@ -44,6 +49,19 @@ def centered_ln_project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     weight = ref._acc(weight)
     var, mean = torch.var_mean(x, dim=-1, unbiased=False, keepdim=True)
     return (x @ weight - mean * weight.sum(dim=0)) * torch.rsqrt(var + 1e-5)
+
+
+def tokens_last_sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """:func:`~hc_rewrite.ops.reference.sinkhorn_log` of ``[..., n, n]`` logits, computed on a ``[n, n, tokens]``
+    copy (the tokens innermost: Inductor's vector lanes) and handed back ``[..., n, n]``."""
+    n = logits.shape[-1]
+    z = logits.reshape(-1, n, n).permute(1, 2, 0).contiguous()
+    return ref.sinkhorn_log(z, iters, dims=(1, 0)).permute(2, 0, 1).reshape(logits.shape)
+
+
+def mhc_coeffs(w, phi, alpha, b_pre, b_post, b_res, eps, iters):
+    """The ``mhc_coeffs`` operator, Sinkhorn with the tokens innermost."""
+    return mhc_coeffs_op(w, phi, alpha, b_pre, b_post, b_res, eps, iters, sinkhorn=tokens_last_sinkhorn)
 
 
 def stream_post(w, y, h_post, h_res):
@@ -69,6 +87,7 @@ def frac_coeffs(w, y, a, b, w_y=None, w_a=None, w_b=None):
 #: ``{op name: fusible implementation}`` (same arguments as the op's schema). The fraction ops return a copy as
 #: operators (an operator may not alias its input); in a graph the view is enough, and a copy would be a pass.
 FUSIBLE = {
+    "mhc_coeffs": mhc_coeffs,
     "stream_post": stream_post,
     "frac_pre": frac_pre,
     "hc_coeffs": hc_coeffs,
@@ -77,4 +96,4 @@ FUSIBLE = {
     "merge_fractions": ref.merge_fractions,
 }
 
-__all__ = ["FUSIBLE", "unrolled_matmul", "centered_ln_project"]
+__all__ = ["FUSIBLE", "unrolled_matmul", "centered_ln_project", "tokens_last_sinkhorn"]

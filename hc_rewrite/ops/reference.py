@@ -79,18 +79,20 @@ def merge_fractions(w: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- shared pieces
-def sinkhorn_log(logits: torch.Tensor, iters: int = SINKHORN_ITERS) -> torch.Tensor:
+def sinkhorn_log(logits: torch.Tensor, iters: int = SINKHORN_ITERS, dims: tuple = (-1, -2)) -> torch.Tensor:
     """Sinkhorn-Knopp projection of ``exp(logits)`` onto doubly stochastic matrices, in log space.
 
     Computed in fp32 (fp64 for fp64 input) whatever the input dtype, so no logit can overflow ``exp``. Each iteration
     normalises rows then columns; the last step is a column normalisation, so every column sums to 1
     to rounding (rows to the convergence of ``iters`` iterations). Column sums of 1 are what keep the
-    mean over copies, and so the function of the original model, unchanged.
+    mean over copies, and so the function of the original model, unchanged. ``dims``: the dims a row and a
+    column run along (``(-1, -2)``: the matrices are the last two dims).
     """
     z = _acc(logits)
+    row, col = dims
     for _ in range(iters):
-        z = z - torch.logsumexp(z, dim=-1, keepdim=True)
-        z = z - torch.logsumexp(z, dim=-2, keepdim=True)
+        z = z - torch.logsumexp(z, dim=row, keepdim=True)
+        z = z - torch.logsumexp(z, dim=col, keepdim=True)
     return z.exp()
 
 
@@ -115,7 +117,7 @@ def small_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- mHC
 def mhc_coeffs(w, phi, alpha, b_pre, b_post, b_res, eps: float = 1e-6, iters: int = SINKHORN_ITERS, *,
-               project=rms_project):
+               project=rms_project, sinkhorn=sinkhorn_log):
     """mHC coefficients (DeepSeek arXiv 2512.24880, eqs. 5-8), in fp32.
 
     ``w``: ``[..., n, C]``. Dynamic form when ``phi`` is given: ``r = RMSNorm(vec(w))`` over all
@@ -125,7 +127,8 @@ def mhc_coeffs(w, phi, alpha, b_pre, b_post, b_res, eps: float = 1e-6, iters: in
     stream, where a column-stochastic ``H_res`` cancels under the mean reduction and would be dead).
 
     Returns ``h_pre [..., n]`` (sigmoid), ``h_post [..., n]`` (2 * sigmoid), ``h_res [..., n, n]``
-    (Sinkhorn) or ``None``. ``project``: how ``RMSNorm(x) @ phi`` is computed (:func:`rms_project`).
+    (Sinkhorn) or ``None``. ``project``: how ``RMSNorm(x) @ phi`` is computed (:func:`rms_project`);
+    ``sinkhorn``: how the ``[..., n, n]`` logits are projected (:func:`sinkhorn_log`).
     """
     n = w.shape[-2]
     if phi is None:
@@ -141,7 +144,7 @@ def mhc_coeffs(w, phi, alpha, b_pre, b_post, b_res, eps: float = 1e-6, iters: in
             res_l = a[2] * logits[..., 2 * n:].unflatten(-1, (n, n)) + _acc(b_res)
     h_pre = torch.sigmoid(pre_l)
     h_post = 2.0 * torch.sigmoid(post_l)
-    h_res = None if res_l is None else sinkhorn_log(res_l, iters)
+    h_res = None if res_l is None else sinkhorn(res_l, iters)
     return h_pre, h_post, h_res
 
 

@@ -79,8 +79,9 @@ class MHCParams(ConnectionParams):
             self.register_parameter("alpha", None)
 
 
-def _mhc_coeffs(w, phi, alpha, b_pre, b_post, b_res, eps, iters):
-    h_pre, h_post, h_res = ref.mhc_coeffs(w, phi, alpha, b_pre, b_post, b_res, eps, iters)
+def mhc_coeffs_op(w, phi, alpha, b_pre, b_post, b_res, eps, iters, **options):
+    """The ``mhc_coeffs`` operator: :func:`~hc_rewrite.ops.reference.mhc_coeffs` (``options``: its keywords)."""
+    h_pre, h_post, h_res = ref.mhc_coeffs(w, phi, alpha, b_pre, b_post, b_res, eps, iters, **options)
     if h_res is None:  # schema outputs are tensors; an empty one stands for "no mixing"
         h_res = h_post.new_empty(0)
     return h_pre, h_post, h_res
@@ -94,7 +95,7 @@ class MHC(Variant):
     own_ops = {
         "mhc_coeffs": OpDef(
             "mhc_coeffs(Tensor w, Tensor? phi, Tensor? alpha, Tensor b_pre, Tensor b_post, Tensor? b_res, "
-            "float eps, int iters) -> (Tensor, Tensor, Tensor)", _mhc_coeffs),
+            "float eps, int iters) -> (Tensor, Tensor, Tensor)", mhc_coeffs_op),
     }
     fused_ops = ("mhc_coeffs", "stream_pre", "stream_post")
     kernel_modules = ("post", "pre", "mhc")
