@@ -9,7 +9,9 @@ widened once before the first block and reduced after the last, as its README sh
 * ``pypi-hc``: ``HyperConnections``, 4 streams (dynamic, tanh).
 
 The package always computes the dynamic (input-dependent) coefficients, as the ``hc_rewrite`` rows do by
-default. Its streams live in the batch dim (``[(b s), t, d]``) and are reduced by a sum.
+default. Its streams live in the batch dim (``[(b s), t, d]``) and are reduced by a sum. These rows are for
+timing: only the package's HC starts as the residual stack's function (tested), its mHC (sigmoid gates) and its
+frac (the static matrix as the package initialises it) do not.
 """
 from __future__ import annotations
 
