@@ -84,3 +84,19 @@ def test_centered_projection_precision(offset, bound):
     truth = ref.ln_project(x.double(), w.double())
     err = (fusible.centered_ln_project(x, w).double() - truth).abs().max() / truth.abs().max()
     assert err < bound
+
+
+@pytest.mark.parametrize("name", ["hc_coeffs", "frac_coeffs", "mhc_coeffs"])
+def test_fusible_coefficients_under_autocast(name):
+    """Under bf16 autocast the projections run in bf16 (as the reference's do) and the gradients reach every input
+    in its own dtype: the narrow product's backward gets a bf16 gradient and fp32 saved inputs."""
+    g = _gen(3)
+    args = _inputs(name, (2, 5), 4, 16, True, torch.float32, g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fusible.FUSIBLE[name](*args)
+        want = getattr(ops, name).default(*args)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    grads = torch.autograd.grad(sum(o.float().sum() for o in got), leaves, allow_unused=True)
+    assert all(d is None or (d.dtype == a.dtype and torch.isfinite(d).all()) for a, d in zip(leaves, grads))

@@ -14,8 +14,7 @@ Here, with the same functions of the reference and other contractions passed in:
 * :func:`centered_ln_project`: ``layer_norm(x) @ W = rstd * (x @ W - mean * sum_rows(W))``: the product reads the
   stream itself and the two statistics come from a reduction Inductor fuses with whatever wrote the stream; the
   product's three matmuls (forward and backward) in the orientation the CPU BLAS is fastest at for a handful of
-  output columns (:func:`narrow_matmul`).
-
+  output columns (:func:`narrow_matmul`);
 * :func:`tokens_last_sinkhorn`: Sinkhorn-Knopp on the ``[T, n, n]`` logits laid out ``[n, n, T]``. Inductor puts
   the innermost dim of a buffer in its vector lanes; with ``n x n`` innermost (16 floats, each row 4) the 20
   iterations' ``exp`` and ``log`` ran one float at a time, with the tokens innermost they run 16 at a time and
@@ -58,6 +57,7 @@ class _NarrowProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors
+        g = g.to(x.dtype)  # under autocast the forward product (and so g) is bf16 / fp16, the saved inputs are not
         return g @ w.t(), (g.t() @ x).t()
 
 

@@ -5,7 +5,7 @@ The last pass of the lowering (:func:`hc_rewrite.passes.pipeline.lower`), on eve
 CUDA the ones no kernel covers) is replaced by its fusible form from :data:`hc_rewrite.ops.fusible.FUSIBLE`: the
 reference math with the contractions over the stream's ``n`` unrolled and the dynamic projections reading the
 stream itself, so that AOTAutograd traces ATen ops Inductor fuses, instead of batched matmuls and normalised
-copies it cannot (``docs/kernels.md``, "Passes over the stream"). Ops without a fusible form stay: they are
+copies it cannot (``docs/kernels.md``, "Without the kernels"). Ops without a fusible form stay: they are
 ``CompositeImplicitAutograd`` and decompose into the reference.
 
 Before (a Frac site)::
