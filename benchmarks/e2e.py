@@ -128,6 +128,10 @@ class Runner:
         self.times: list = []
         self.loss = float("nan")
 
+    def warm_up(self, steps: int) -> None:
+        for _ in range(steps):
+            self.step(False)
+
     def step(self, timed: bool):
         sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
         t0 = time.perf_counter()
@@ -150,8 +154,7 @@ class Runner:
 def run_alone(row, mode, args, x, device) -> dict:
     """Warm-up then timed steps of one row, nothing else alive (CUDA: its peak memory is its own)."""
     r = Runner(row, mode, args, x, device)
-    for _ in range(args.warmup):
-        r.step(False)
+    r.warm_up(args.warmup)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -173,8 +176,7 @@ def run_interleaved(keys, args, x, device, progress=print) -> list:
     for row, mode in keys:
         t0 = time.perf_counter()
         r = Runner(row, mode, args, x, device)
-        for _ in range(args.warmup):
-            r.step(False)
+        r.warm_up(args.warmup)
         runners.append(r)
         progress(f"  built {row:10} {mode:8} ({r.how}; warm-up {time.perf_counter() - t0:.0f} s)")
     for rnd in range(args.steps):
@@ -188,8 +190,7 @@ def _rows(args) -> list:
     rows = list(args.variants) if args.variants else list(VARIANTS)
     if not args.variants and not args.tiny and pypi_stacks.available():
         rows += list(pypi_stacks.KINDS)
-    missing = [r for r in rows if r in pypi_stacks.KINDS] and not pypi_stacks.available()
-    if missing:
+    if any(r in pypi_stacks.KINDS for r in rows) and not pypi_stacks.available():
         raise SystemExit('benchmarks.e2e: the pypi-* rows need the PyPI package: pip install -e ".[bench]"')
     return rows
 

@@ -97,8 +97,9 @@ class PassManager:
         """The passes before the one called ``name`` (a test's view of the graph just before that pass)."""
         return PassManager(self.passes[: self.names.index(name)])
 
-    def without(self, name: str) -> "PassManager":
-        return PassManager([p for p in self.passes if p.name != name])
+    def without(self, *names: str) -> "PassManager":
+        """The passes not called any of ``names``."""
+        return PassManager([p for p in self.passes if p.name not in names])
 
     def __call__(self, ctx: PassContext) -> PassContext:
         for p in self.passes:
@@ -187,7 +188,7 @@ def lower(gm: fx.GraphModule, *, everywhere: bool = False, combos: bool = True, 
     Returns the number of nodes fused, swapped or decomposed."""
     passes = LOWERING
     if not kernels or not (everywhere or runs_on_cuda(gm)):
-        passes = PassManager([p for p in passes.passes if p.name not in KERNEL_PASSES])
+        passes = passes.without(*KERNEL_PASSES)
     elif not combos:
         passes = passes.without("fuse_stream_ops")
     if not decompose:
