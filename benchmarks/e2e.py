@@ -38,6 +38,7 @@ from torch import nn
 from hc_rewrite.variants import NAMES
 
 from . import pypi_stacks
+from .compiled_check import check_compiled
 
 
 class Attention(nn.Module):
@@ -127,6 +128,9 @@ class Runner:
                          else torch.autocast("cpu", enabled=False))
         self.times: list = []
         self.loss = float("nan")
+        self.check_err = None
+        if mode == "compiled":  # the compiled graph must be this row's own (benchmarks/compiled_check.py)
+            self.check_err = check_compiled(self.model, self.params_of, x, autocast=self.autocast)
 
     def warm_up(self, steps: int) -> None:
         for _ in range(steps):
@@ -148,7 +152,8 @@ class Runner:
     def result(self) -> dict:
         return {"variant": self.row, "mode": self.mode, "compiled": self.how,
                 "step_ms": statistics.median(self.times), "times_ms": [round(t, 3) for t in self.times],
-                "loss": self.loss, "params": sum(p.numel() for p in self.params_of.parameters())}
+                "loss": self.loss, "params": sum(p.numel() for p in self.params_of.parameters()),
+                "compiled_vs_eager": self.check_err}
 
 
 def run_alone(row, mode, args, x, device) -> dict:

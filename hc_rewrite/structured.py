@@ -11,6 +11,7 @@ form".
 from __future__ import annotations
 
 import json
+import types
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -56,6 +57,31 @@ class RootPreHook:
         with torch._C.DisableTorchFunctionSubclass():
             alias = lambda t: t.view_as(t)  # noqa: E731
             return pytree.tree_map_only(torch.Tensor, alias, (args, kwargs))
+
+
+def pin_forward(module: nn.Module) -> None:
+    """Give ``module`` an instance attribute ``forward``: its class's own ``forward``, bound to it.
+
+    Nothing changes when it runs (same function, same signature for ``inspect``), but it is state that
+    ``torch.compile`` guards on. A rewritten model shares its classes, and so its code objects, with the original,
+    and dynamo installs no guard on an empty hook dict (``torch._dynamo.config.skip_nnmodule_hook_guards``, on by
+    default): code compiled for the original (no hooks) would pass its guards on the rewritten model and run
+    without the connections, silently. Dynamo does guard, for every module a compiled frame calls, that the
+    instance holds no ``forward`` of its own (``not ___dict_contains('forward', m.__dict__)``): pinned, every
+    frame compiled for the original that calls one of these modules fails that guard on the rewritten model and
+    is compiled anew. The bound method is not guarded by identity, so the blocks of one model still share one
+    compiled graph. See docs/design.md, "Compile caches".
+    """
+    if "forward" not in module.__dict__:
+        module.forward = types.MethodType(type(module).forward, module)
+
+
+def unpin_forward(module: nn.Module) -> None:
+    """Undo :func:`pin_forward` (a ``forward`` the user set on the instance stays)."""
+    bound = module.__dict__.get("forward")
+    if (isinstance(bound, types.MethodType) and bound.__self__ is module
+            and bound.__func__ is getattr(type(module), "forward", None)):
+        del module.__dict__["forward"]
 
 
 def is_structured_graph(gm, example_inputs) -> bool:
@@ -162,11 +188,14 @@ def attach(model: nn.Module, plan: Plan) -> nn.Module:
             holder.add_module(name, params)
             hook = EntryHook(info, site.index, site.name, params, site.extra)
             for path in site.entries:
-                model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True)
+                entry = model.get_submodule(path)
+                entry.register_forward_pre_hook(hook, with_kwargs=True)
+                pin_forward(entry)
     model.add_module("hc", holder)
     model.register_forward_hook(plain_outputs, with_kwargs=True)
     model.hc_plan = plan
     model.register_forward_pre_hook(RootPreHook(), with_kwargs=True)
+    pin_forward(model)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         config.hc_rewrite = plan.to_dict()  # saved by save_pretrained: from_pretrained rebuilds from it
@@ -249,6 +278,7 @@ def strip(model: nn.Module) -> nn.Module:
                       if isinstance(h, (EntryHook, RootPreHook)) or h is plain_outputs]:
                 del hooks[k]
                 kw.pop(k, None)
+        unpin_forward(m)
     for attr in ("hc_plan", "hc_report"):
         new.__dict__.pop(attr, None)
     if isinstance(getattr(new, "hc", None), nn.Module):

@@ -76,3 +76,24 @@ def test_pypi_stack_wires_the_same_layers():
     assert {id(p) for p in base.parameters()} < {id(p) for p in hc.parameters()}
     with torch.no_grad():
         torch.testing.assert_close(hc(x), base(x), atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_rows_check_their_own_function():
+    """benchmarks.e2e checks every compiled row against its eager module with the parameters moved: the check passes
+    for a compiled rewritten model (compiled after its original) and catches a compiled model that is not its own."""
+    import hc_rewrite
+    from benchmarks.compiled_check import CompiledMismatch, check_compiled
+    from benchmarks.e2e import GPTStack
+
+    torch.manual_seed(0)
+    base = GPTStack(64, 2)
+    x = torch.randn(2, 16, 64)
+    new = hc_rewrite.rewrite(base, (x,), variant="mhc", n=4)
+    torch._dynamo.reset()
+    compiled_base = torch.compile(base, backend="aot_eager")
+    assert check_compiled(compiled_base, base, x) <= 1e-4
+    assert check_compiled(torch.compile(new, backend="aot_eager"), new, x) <= 1e-4
+    before = [p.detach().clone() for p in new.parameters()]
+    with pytest.raises(CompiledMismatch, match="another model's compiled code"):
+        check_compiled(compiled_base, new, x)  # the original's graph timed as the rewritten model
+    assert all(torch.equal(p, b) for p, b in zip(new.parameters(), before))  # parameters put back
