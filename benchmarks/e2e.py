@@ -13,7 +13,9 @@ mean square of the output (no vocabulary: only the residual machinery differs be
 under ``torch.compile(backend="hc_rewrite")`` (its lowering stage,
 :func:`hc_rewrite.passes.pipeline.lower`, puts in the fused kernels on CUDA; on CPU Inductor compiles the
 decomposed reference ops), or plain Inductor with ``--kernels off``; the residual and PyPI rows under
-Inductor. ``eager`` mode: no compile.
+Inductor. Rows ``module-*``: the default (structure-preserving) form, the user's own model, under plain
+``torch.compile`` (Inductor, with hc_rewrite's pre-grad lowering pass). ``eager`` mode: no compile. Every compiled
+row first checks that it computes its own eager model with the parameters moved (``compiled_check.py``).
 
 On CUDA each row runs alone (its peak memory is its own): median of ``--steps`` steps after ``--warmup``.
 On the CPU, where timings drift by +-20 % within minutes, the rows are interleaved: every round runs one
@@ -80,7 +82,9 @@ class GPTStack(nn.Module):
 
 
 VARIANTS = ("residual", *NAMES)
-ROWS = (*VARIANTS, *pypi_stacks.KINDS)
+#: the default (structure-preserving) form: the user's model, compiled with plain ``torch.compile`` (Inductor)
+MODULE_ROWS = tuple(f"module-{v}" for v in NAMES)
+ROWS = (*VARIANTS, *MODULE_ROWS, *pypi_stacks.KINDS)
 MODES = ("eager", "compiled")
 #: per device: d, layers, batch, seq, warmup, steps, modes
 DEFAULTS = {
@@ -109,6 +113,9 @@ def build(row, d, layers, x, device, compile_, kernels, seed=0):
         return (torch.compile(model) if compile_ else model), model, "inductor" if compile_ else "eager"
     import hc_rewrite
 
+    if row in MODULE_ROWS:  # the user's own model, rewritten; plain torch.compile (what torchtitan / Trainer call)
+        new = hc_rewrite.rewrite(model, (x,), variant=row.removeprefix("module-"), n=4)
+        return (torch.compile(new) if compile_ else new), new, "inductor (default form)" if compile_ else "eager"
     gm = hc_rewrite.rewrite(model, (x,), variant=row, n=4, form="graph")
     if not compile_:
         return gm, gm, "eager"
@@ -193,6 +200,8 @@ def run_interleaved(keys, args, x, device, progress=print) -> list:
 
 def _rows(args) -> list:
     rows = list(args.variants) if args.variants else list(VARIANTS)
+    if not args.variants and not args.tiny:
+        rows += list(MODULE_ROWS)
     if not args.variants and not args.tiny and pypi_stacks.available():
         rows += list(pypi_stacks.KINDS)
     if any(r in pypi_stacks.KINDS for r in rows) and not pypi_stacks.available():

@@ -13,7 +13,7 @@ from .passes.pipeline import GRAPH_FORM, MODULE_FORM, PassContext, analyse
 from .report import RewriteReport, SiteReport, StreamReport
 from .spec import HCSpec, make_spec
 from .stream_value import TRACE, StreamError
-from .structured import attach, build_plan
+from .structured import attach, build_plan, choose_starts, record_calls
 
 _WIDTH_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
 FORMS = ("module", "graph")
@@ -130,19 +130,28 @@ def _run_module(model, example_inputs, example_kwargs, spec: HCSpec):
     reference.recompile()  # the passes above leave recompiling to their last user
     with torch.no_grad():
         ref_out = reference(*args, **{k: v for k, v in kwargs.items() if k not in captured.baked})
+    starts: dict = {}  # first site name -> where its stream value is made (found by the check run)
+    placed = None
     while True:
-        placed = MODULE_FORM(PassContext(captured.gm, spec, sites, streams))
+        if placed is None:  # placed again only after a refused site regrouped the streams
+            placed = MODULE_FORM(PassContext(captured.gm, spec, sites, streams))
         streams, placements = placed.streams, placed.placements
         if not streams:
             rep = _report(model, spec, captured, sites, streams, "module", 0)
             raise _no_stream(model, rep)
         plan = build_plan(spec, streams, placements)
+        for ps in plan.streams:
+            ps.start = starts.get(min(ps.sites, key=lambda s: s.index).name) if ps.sites else None
         new = attach(copy.deepcopy(model).eval(), plan)
         by_name = {s.name: s for st in streams for s in st.sites}
         try:
-            with torch.no_grad(), TRACE:
+            with torch.no_grad(), TRACE, record_calls(new):
                 out = new(*args, **kwargs)
+            found = choose_starts(plan)
             lost = [name for name in by_name if name not in TRACE.added]
+            if not lost and any(starts.get(k) != v for k, v in found.items()):
+                starts.update(found)
+                continue  # attach again with the streams started by their modules, and check that
             why = "its add was not reached through the stream value at run time (the skip is copied or " \
                   "transformed by code the rewrite does not follow)"
         except StreamError as e:
@@ -155,6 +164,7 @@ def _run_module(model, example_inputs, example_kwargs, spec: HCSpec):
         for name in lost:
             by_name[name].reason = why
         streams = group_residual_streams(captured.gm, sites)
+        placed = None
     err = _max_rel_err(ref_out, out)
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     if err > CHECK_TOL.get(dtype, 1e-5):

@@ -34,9 +34,9 @@ package, and is also registered when this module is imported.
   generation; ``"eager"`` runs the graph as captured. Both are for debugging, or for machines where no
   C++ / Triton compiler is usable.
 * ``require_hc_ops`` (bool, default True): False also compiles graphs without stream ops (fragments of
-  a rewritten model split by a graph break) instead of raising. The graphs of a model of the
-  structure-preserving form (recognised by its parameters; its stream ops run between the graphs) are
-  compiled without raising.
+  a rewritten model split by a graph break) instead of raising. Graphs of a model of the
+  structure-preserving form without stream ops (pieces between graph breaks, blocks without a site; recognised by
+  its parameters) are compiled without raising.
 * any other key is an Inductor config patch, as in ``torch.compile(backend="inductor", options=...)``
   (e.g. ``"max_autotune": True``); ``mode=`` is honoured the same way.
 """
@@ -56,6 +56,7 @@ from .passes.pipeline import lower
 log = logging.getLogger(__name__)
 
 BACKEND_NAME = "hc_rewrite"
+LOWERED = "hc_rewrite_lowered"  # gm.meta key: the backend has lowered this graph already
 
 #: Options the backend itself reads; anything else goes to Inductor as a config patch.
 BACKEND_OPTIONS = {"fuse": True, "combos": True, "decompose": True, "compiler": "inductor", "require_hc_ops": True}
@@ -139,6 +140,7 @@ def hc_rewrite_backend(gm: fx.GraphModule, example_inputs, *, options: dict | No
     lowered = lower(gm, everywhere=ours["fuse"] == "all", combos=ours["combos"], kernels=bool(ours["fuse"]),
                     decompose=bool(ours["decompose"])) if nodes else 0
     log.info("hc_rewrite backend: %d stream ops, %d fused, swapped or decomposed", len(nodes), lowered)
+    gm.meta[LOWERED] = True  # Inductor's pre-grad pass (inductor_pass.py) leaves it as this backend's options made it
     compiler = ours["compiler"]
     if compiler != "inductor":
         if compiler == "eager":

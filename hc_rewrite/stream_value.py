@@ -21,6 +21,7 @@ run on the ops ``torch.ops.hc_rewrite.*`` so that the ``hc_rewrite`` compile bac
 """
 from __future__ import annotations
 
+import types
 import weakref
 from dataclasses import dataclass
 
@@ -72,7 +73,6 @@ class StreamValue(torch.Tensor):
     stream, ``None`` for Frac), ``_hc_index`` (the last site applied), ``_hc_pending``."""
 
     @classmethod
-    @torch._dynamo.disable
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         handler = _HANDLERS.get(func)
@@ -87,7 +87,30 @@ class StreamValue(torch.Tensor):
                 raise StreamError(
                     f"in-place {getattr(func, '__name__', func)} on a residual stream value: the rewrite "
                     "cannot carry it to the widened stream")
+            return _call_plain(func, args, kwargs)
+
+
+def _call_plain(func, args, kwargs):
+    """``func`` with subclass dispatch off. Under compile, a torch function written in Python (``F.rms_norm``,
+    ``F.layer_norm``) gets plain aliases of the stream values: it asks ``has_torch_function`` of its arguments, which
+    dynamo answers from their type (so the call failed). Eager, and for builtins, the values themselves, as before
+    (dynamo replays some builtins on stream values after a graph, where an alias would compile a graph of its own;
+    eager, FSDP2's DTensor parameters meet the stream values in ``Tensor.__mul__``, which an alias breaks)."""
+    with _plain():
+        if not (torch.compiler.is_compiling() and isinstance(func, types.FunctionType)):
             return func(*args, **kwargs)
+        args = tuple(_plain_arg(a) for a in args)
+        kwargs = {k: _plain_arg(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+def _plain_arg(a):
+    """A plain alias of a stream value; one level of lists and tuples (``torch.cat([x, y])``) looked into."""
+    if isinstance(a, StreamValue):
+        return a.view_as(a)
+    if isinstance(a, (list, tuple)) and any(isinstance(v, StreamValue) for v in a):
+        return type(a)(v.view_as(v) if isinstance(v, StreamValue) else v for v in a)
+    return a
 
 
 def _bound(x) -> bool:
@@ -108,6 +131,8 @@ def _key(t: torch.Tensor):
 
 
 def _remember(sv: StreamValue) -> None:
+    if torch.compiler.is_compiling():  # eager only: under compile the registry's size would be guarded on (a recompile
+        return                          # per call); aliases made by view_as keep the stream there (_same)
     key = _key(sv)
     if key is None:
         return
@@ -194,6 +219,51 @@ def _tied(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return w
 
 
+# ----------------------------------------------------------------------------- start
+class StartHook:
+    """Where a stream value is made: a forward hook of the module that returns the stream's first value, or a
+    forward pre-hook of the module whose code holds the first site's add and takes that value as an input
+    (:func:`hc_rewrite.passes.place_sites_on_modules.place_stream_start`). It hands the user's code a new stream
+    value (the tensor itself is not changed), so nothing has to change the class of an object the user's code
+    already holds, which ``torch.compile`` cannot trace. Where it finds no single candidate it changes nothing and
+    the first site's entry hook marks the value instead."""
+
+    def __init__(self, info: StreamInfo, where=None):
+        self.info, self.where = info, where  # where: ["arg", i] / ["kw", name] the input was passed as, or None
+
+    def _fits(self, v) -> bool:
+        info = self.info
+        return (isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() >= 2
+                and (not info.rank or v.dim() == info.rank) and v.shape[info.feature_dim] == info.width
+                and not (_bound(v) and v._hc_info is info))
+
+    def __call__(self, module, args, kwargs, *output):
+        if not output and self.where is not None:  # the input the check run saw the stream in
+            kind, key = self.where
+            x = args[key] if kind == "arg" and key < len(args) else kwargs.get(key) if kind == "kw" else None
+            if self._fits(x):
+                sv = self._start(x)
+                if kind == "arg":
+                    return (*args[:key], sv, *args[key + 1:]), kwargs
+                return args, {**kwargs, key: sv}
+        value = output[0] if output else (args, kwargs)
+        leaves, spec = pytree.tree_flatten(value)
+        cands = [i for i, v in enumerate(leaves) if self._fits(v)]
+        if len({id(leaves[i]) for i in cands}) != 1:
+            return None
+        sv = self._start(leaves[cands[0]])
+        for i in cands:
+            leaves[i] = sv
+        return pytree.tree_unflatten(leaves, spec)
+
+    def _start(self, x) -> "StreamValue":
+        info = self.info
+        with _plain():
+            plain = x.view_as(x) if isinstance(x, StreamValue) else x  # a plain alias (subclass dispatch off)
+            w = None if info.variant.split else _widen(plain, info)
+        return _wrap(plain, info, w, -1)
+
+
 # ----------------------------------------------------------------------------- entry (pre)
 class EntryHook:
     """Forward pre-hook of a site's branch entry module: the branch reads ``pre(W)`` instead of the stream."""
@@ -241,7 +311,6 @@ class EntryHook:
         """A stream value of this rewritten model (any of its streams)."""
         return _bound(v) and v._hc_info.owner is self.info.owner
 
-    @torch._dynamo.disable
     def __call__(self, module, args, kwargs):
         leaves, spec = pytree.tree_flatten((args, kwargs))
         i = self._find(leaves)
@@ -251,7 +320,10 @@ class EntryHook:
             leaves[i] = pending.branch_in
             return pytree.tree_unflatten(leaves, spec)
         same_stream = _bound(x) and x._hc_info is self.info
-        if same_stream and x._hc_index >= self.index:
+        # the order check runs eagerly only: under compile a site's position would be a constant every block's
+        # graph specialises on (one graph per block instead of one for all); the rewrite's check run and any eager
+        # call still catch control flow that differs from the captured one
+        if same_stream and not torch.compiler.is_compiling() and x._hc_index >= self.index:
             raise StreamError(f"{self._describe()}: reached a stream value that already passed position "
                               f"{x._hc_index} of its stream; the model's control flow differs from the captured one")
         if torch.is_grad_enabled() is False and x.requires_grad and module.training:
@@ -264,6 +336,8 @@ class EntryHook:
                 w = _wide_of(x) if info.variant.split else _tied(_wide_of(x), x)
             else:
                 w = _widen(x, info)
+                if TRACE.on:
+                    TRACE.starts[info.id] = (TRACE.returned.get(id(x)), TRACE.received.get(id(x), ()))
                 _mark(x, info, None if info.variant.split else w, -1)
             math = self.compiled[0] if self.compiled else site_pre
             branch_in, h_post, h_res = math(info.variant.name, info.sinkhorn_iters, w, *self.params.coeff_args())
@@ -297,7 +371,9 @@ def _post(pending: _Pending, y: torch.Tensor, x: StreamValue, first: bool) -> St
         math = pending.hook.compiled[1] if pending.hook.compiled else site_post
         w_new, end = math(info.variant.name, pending.w, yl, pending.h_post, h_res)
         narrow = _from_last(end, info).to(torch.promote_types(x.dtype, y.dtype))
-    out = _wrap(narrow, info, None if info.variant.split else w_new, pending.hook.index)
+    # the position is recorded eagerly only (for the order check): compiled, every block shares one graph
+    index = -1 if torch.compiler.is_compiling() else pending.hook.index
+    out = _wrap(narrow, info, None if info.variant.split else w_new, index)
     if pending.extra > 0:
         out._hc_pending = _Pending(pending.hook, w_new, pending.h_post, None, pending.branch_in, pending.extra - 1,
                                    continued=True)
@@ -328,8 +404,13 @@ def _add(func, args, kwargs):
         out = _post(pending, y, x, first)
         if func in _INPLACE_ADD:  # a.add_(b) / a += b: the object the user code holds becomes the result
             target = a
-            with _plain():
-                target.copy_(out)
+            with _plain():  # through a plain alias: dynamo resets the class of a variable an in-place op mutates
+                target.view_as(target).copy_(out)
+            if not isinstance(target, StreamValue) and (func is torch.Tensor.__iadd__ or torch.compiler.is_compiling()):
+                # `y += x`: Python binds the name to what __iadd__ returns, no class change needed (under compile,
+                # dynamo hands `+=` over as add_: a statement `y.add_(x)` then loses the stream, which the next
+                # entry reports as a StreamError; the value of `y` is the site's output either way)
+                return out
             _mark(target, out._hc_info, out._hc_w, out._hc_index)
             target._hc_pending = out._hc_pending
             return target
@@ -352,8 +433,8 @@ def _link(func, args, kwargs, wide_fn, narrow_from_wide=False):
     info = x._hc_info
     with _plain():
         if info.variant.split:
-            return _wrap(func(*args, **kwargs), info, None, x._hc_index)
-        narrow = None if narrow_from_wide else func(*args, **kwargs)
+            return _wrap(_call_plain(func, args, kwargs), info, None, x._hc_index)
+        narrow = None if narrow_from_wide else _call_plain(func, args, kwargs)
         w_new = wide_fn(x._hc_w, narrow)
         if w_new is NotImplemented:
             return NotImplemented
@@ -429,30 +510,46 @@ _HANDLERS.update({f: _layer_norm for f in (F.layer_norm, torch.layer_norm)})
 _HANDLERS.update({f: _relu for f in (F.relu, torch.relu, torch.Tensor.relu, torch.Tensor.relu_, torch.relu_)})
 _HANDLERS.update({f: _cast for f in (torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16,
                                      torch.Tensor.double, torch.Tensor.type_as)})
-_HANDLERS.update({f: _same for f in (torch.Tensor.contiguous, torch.Tensor.clone)})
+_HANDLERS.update({f: _same for f in (torch.Tensor.contiguous, torch.Tensor.clone, torch.Tensor.view_as)})
 _HANDLERS.update({f: _view for f in (torch.Tensor.view, torch.Tensor.reshape, torch.reshape)})
 
 class _Trace:
-    """While ``on`` (the rewrite's check run only): names of the sites whose entry fired / whose add was rewritten."""
+    """While ``on`` (the rewrite's check run only): names of the sites whose entry fired / whose add was rewritten;
+    for each stream whose first value had to be marked, the module that returned that tensor object and the
+    modules that took it as an input (``starts``: stream id -> (path or None, paths)), from ``returned`` /
+    ``received`` (object id -> module path(s)), which :func:`hc_rewrite.structured.record_calls` fills."""
 
     def __init__(self):
-        self.on, self.fired, self.added = False, [], []
+        self.on = False
+        self._clear()
+
+    def _clear(self):
+        self.fired, self.added, self.starts, self.returned, self.received, self.calls, self.keep = \
+            [], [], {}, {}, {}, {}, []
 
     def __enter__(self):
-        self.on, self.fired, self.added = True, [], []
+        self._clear()
+        self.on = True
         return self
 
     def __exit__(self, *exc):
         self.on = False
+        self.keep = []
 
 
 TRACE = _Trace()
 
 
-@torch._dynamo.disable
-def plain_outputs(module, args, kwargs, out):
-    """Forward hook of the rewritten root: hand the caller plain tensors (stream values unwrapped)."""
+def plain_outputs(out):
+    """What the rewritten root hands the caller: its output with stream values unwrapped to plain tensors."""
     def unwrap(t):
         with _plain():
-            return t.as_subclass(torch.Tensor)
+            return t.view_as(t)  # a plain alias (subclass dispatch off); dynamo cannot trace as_subclass(Tensor)
     return pytree.tree_map_only(StreamValue, unwrap, out)
+
+
+def aliased_inputs(args, kwargs):
+    """The caller's tensors, aliased: a stream that starts at an input and has to be marked marks the alias, never
+    the caller's own tensor object."""
+    with _plain():
+        return pytree.tree_map_only(torch.Tensor, lambda t: t.view_as(t), (args, kwargs))

@@ -10,6 +10,7 @@ form".
 """
 from __future__ import annotations
 
+import inspect
 import json
 import types
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,7 @@ from torch import nn
 from . import variants
 from .graph_utils import val
 from .spec import HCSpec
-from .stream_value import EntryHook, StreamInfo, plain_outputs
+from .stream_value import EntryHook, StartHook, StreamInfo, aliased_inputs, plain_outputs
 
 PLAN_VERSION = 1
 #: Attribute set on every parameter of a model :func:`attach` made: the compile backend recognises the graphs
@@ -34,13 +35,8 @@ class _Owner:
 
 
 class RootPreHook:
-    """Root forward pre-hook of a rewritten model.
-
-    * The model's code gets aliases (``t.view_as(t)``) of the caller's tensors: when a stream starts at an input,
-      the stream value is made from the alias, never from the caller's tensor object.
-    * Marks the model's parameters (:data:`MARK`) on its first call, and again on the first call of every deep
-      copy (``Parameter.__deepcopy__`` drops attributes).
-    """
+    """Root forward pre-hook of a rewritten model: marks the model's parameters (:data:`MARK`) on its first call, and
+    again on the first call of every deep copy (``Parameter.__deepcopy__`` drops attributes). It touches no tensor."""
 
     def __init__(self):
         self.done = False
@@ -48,18 +44,39 @@ class RootPreHook:
     def __deepcopy__(self, memo):
         return RootPreHook()
 
-    @torch._dynamo.disable
     def __call__(self, module, args, kwargs):
         if not self.done:
             for p in module.parameters():
                 setattr(p, MARK, True)
             self.done = True
-        with torch._C.DisableTorchFunctionSubclass():
-            alias = lambda t: t.view_as(t)  # noqa: E731
-            return pytree.tree_map_only(torch.Tensor, alias, (args, kwargs))
 
 
-def pin_forward(module: nn.Module) -> None:
+def _rewritten_root_forward(self, *args, **kwargs):
+    """The forward of a rewritten root (bound to it by :func:`pin_forward`): the class's own ``forward`` on aliases
+    of the caller's tensors, handing back plain tensors. Inside ``forward``, not in root hooks: ``torch.compile`` of a
+    module runs the module's own hooks as frames of their own (three graphs for one model)."""
+    args, kwargs = aliased_inputs(args, kwargs)
+    return plain_outputs(type(self).forward(self, *args, **kwargs))
+
+
+_ROOT_FORWARDS: dict = {}
+
+
+def _root_forward_for(cls):
+    """One function per class, with the class forward's signature (``generate`` and ``Trainer`` read it)."""
+    fn = _ROOT_FORWARDS.get(cls)
+    if fn is None:
+        def fn(self, *args, **kwargs):
+            return _rewritten_root_forward(self, *args, **kwargs)
+        fn.__name__ = fn.__qualname__ = "forward"
+        fn.__doc__ = getattr(cls.forward, "__doc__", None)
+        fn.__signature__ = inspect.signature(cls.forward)
+        fn._hc_root_forward = True
+        _ROOT_FORWARDS[cls] = fn
+    return fn
+
+
+def pin_forward(module: nn.Module, root: bool = False) -> None:
     """Give ``module`` an instance attribute ``forward``: its class's own ``forward``, bound to it.
 
     Nothing changes when it runs (same function, same signature for ``inspect``), but it is state that
@@ -73,15 +90,82 @@ def pin_forward(module: nn.Module) -> None:
     compiled graph. See docs/design.md, "Compile caches".
     """
     if "forward" not in module.__dict__:
-        module.forward = types.MethodType(type(module).forward, module)
+        fn = _root_forward_for(type(module)) if root else type(module).forward
+        module.forward = types.MethodType(fn, module)
 
 
 def unpin_forward(module: nn.Module) -> None:
     """Undo :func:`pin_forward` (a ``forward`` the user set on the instance stays)."""
     bound = module.__dict__.get("forward")
     if (isinstance(bound, types.MethodType) and bound.__self__ is module
-            and bound.__func__ is getattr(type(module), "forward", None)):
+            and (bound.__func__ is getattr(type(module), "forward", None)
+                 or getattr(bound.__func__, "_hc_root_forward", False))):
         del module.__dict__["forward"]
+
+
+class record_calls:
+    """While the rewrite's check run traces (``stream_value.TRACE``): which module returned / took which tensor
+    object, and how often each module ran, so that a stream whose first value had to be marked can be started by a
+    :class:`~hc_rewrite.stream_value.StartHook` instead (see :func:`choose_starts`)."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.handles = model, []
+
+    def __enter__(self):
+        from .stream_value import TRACE
+
+        def leaves(value):
+            return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+
+        for path, m in self.model.named_modules():
+            if path == "hc" or path.startswith("hc."):
+                continue
+
+            def pre(module, args, kwargs, path=path):
+                if TRACE.on:
+                    TRACE.calls[path] = TRACE.calls.get(path, 0) + 1
+                    for kind, key, value in [*(("arg", i, a) for i, a in enumerate(args)),
+                                         *(("kw", k, v) for k, v in kwargs.items())]:
+                        for t in leaves(value):
+                            # a tensor passed directly: where it was passed; inside a structure: only that it was
+                            TRACE.received.setdefault(id(t), {})[path] = [kind, key] if t is value else None
+                            TRACE.keep.append(t)
+
+            def post(module, args, kwargs, out, path=path):
+                if TRACE.on:
+                    for t in leaves(out):
+                        TRACE.returned[id(t)] = path  # an outer module returning the same object comes later
+                        TRACE.keep.append(t)
+
+            self.handles.append(m.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
+            self.handles.append(m.register_forward_hook(post, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def choose_starts(plan: Plan) -> dict:
+    """``{first site name: [kind, path]}`` for the streams of ``plan`` whose first value the check run had to mark
+    (``TRACE.starts``): ``["output", M]`` when a module ``M`` that ran once returned that very tensor object (its
+    forward hook will return the stream value, Llama: ``embed_tokens``), else ``["input", M]`` when the module whose
+    code holds the first site's add ran once and took it as an input (its forward pre-hook will hand it the stream
+    value), else nothing (the entry hook keeps marking it: eager only)."""
+    from .stream_value import TRACE
+
+    out = {}
+    for stream in plan.streams:
+        seen = TRACE.starts.get(stream.id)
+        if seen is None or not stream.sites:
+            continue
+        returned, received = seen
+        first = min(stream.sites, key=lambda s: s.index)
+        if returned is not None and TRACE.calls.get(returned) == 1:
+            out[first.name] = ["output", returned]
+        elif first.owner and first.owner in received and TRACE.calls.get(first.owner) == 1:
+            out[first.name] = ["input", first.owner, received[first.owner]]
+    return out
 
 
 def is_structured_graph(gm, example_inputs) -> bool:
@@ -108,6 +192,9 @@ class PlannedStream:
     feature_dim: int
     sites: list = field(default_factory=list)
     rank: int = 0  # rank of the stream tensor (0: not recorded, plans saved before it was)
+    # where the stream value is made: ["output", module path] or ["input", module path, ["arg", i] | ["kw", name] |
+    # None]; None: the first entry marks it (see choose_starts)
+    start: list | None = None
 
 
 @dataclass
@@ -172,6 +259,15 @@ def attach(model: nn.Module, plan: Plan) -> nn.Module:
     if isinstance(getattr(model, "hc", None), nn.Module):
         raise ValueError("this model already has an 'hc' submodule: was it rewritten already?")
     spec = plan.spec
+    # A compiled graph whose input is a stream value (per-block compile: every block after the first gets one) fails
+    # on its first call in AOTAutograd's custom-op aliasing check, whose dispatch mode refuses any tensor subclass it
+    # does not know (pytorch issue 193932). The check is a first-call diagnostic of custom-op schemas; it is turned
+    # off for the process once a model is rewritten (docs/design.md, "One graph"). Turned back on, such a call fails
+    # loudly (TypeError), never silently.
+    torch._functorch.config.check_custom_op_aliasing = False
+    from .inductor_pass import register
+
+    register()  # plain torch.compile(model) lowers the stream ops as backend="hc_rewrite" does
     dtype, device = _dtype_device(model)
     generator = torch.Generator().manual_seed(plan.seed)
     holder = nn.Module()
@@ -181,6 +277,14 @@ def attach(model: nn.Module, plan: Plan) -> nn.Module:
         info = StreamInfo(id=stream.id, width=stream.width, feature_dim=stream.feature_dim, rank=stream.rank,
                           variant=variant,
                           n=spec.n, sinkhorn_iters=spec.sinkhorn_iters, owner=owner)
+        if stream.start:
+            kind, path, *where = stream.start
+            start = model.get_submodule(path)
+            if kind == "output":
+                start.register_forward_hook(StartHook(info), with_kwargs=True)
+            else:
+                start.register_forward_pre_hook(StartHook(info, where[0] if where else None), with_kwargs=True)
+            pin_forward(start)
         for site in sorted(stream.sites, key=lambda s: s.index):
             name = f"s{stream.id}_{site.index}"
             params = variant.make_params(spec, stream.width, site.index, site.last, generator, dtype=dtype,
@@ -192,10 +296,11 @@ def attach(model: nn.Module, plan: Plan) -> nn.Module:
                 entry.register_forward_pre_hook(hook, with_kwargs=True)
                 pin_forward(entry)
     model.add_module("hc", holder)
-    model.register_forward_hook(plain_outputs, with_kwargs=True)
     model.hc_plan = plan
     model.register_forward_pre_hook(RootPreHook(), with_kwargs=True)
-    pin_forward(model)
+    pin_forward(model, root=True)
+    for p in model.parameters():
+        setattr(p, MARK, True)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         config.hc_rewrite = plan.to_dict()  # saved by save_pretrained: from_pretrained rebuilds from it
@@ -275,7 +380,7 @@ def strip(model: nn.Module) -> nn.Module:
         for hooks, kw in ((m._forward_pre_hooks, m._forward_pre_hooks_with_kwargs),
                           (m._forward_hooks, m._forward_hooks_with_kwargs)):
             for k in [k for k, h in hooks.items()
-                      if isinstance(h, (EntryHook, RootPreHook)) or h is plain_outputs]:
+                      if isinstance(h, (EntryHook, StartHook, RootPreHook))]:
                 del hooks[k]
                 kw.pop(k, None)
         unpin_forward(m)
@@ -322,9 +427,10 @@ def entry_hooks(model: nn.Module) -> list:
 
 def compile_stream_ops(model: nn.Module, backend="hc_rewrite", options=None) -> nn.Module:
     """Run the stream math of a structure-preserving ``model`` (each site's coefficients + pre, and its post)
-    through ``torch.compile(..., backend=backend, dynamic=True)``: with the ``hc_rewrite`` backend that is the
-    lowering to the fused kernels on CUDA. ``torch.compile(model)`` alone leaves these ops eager (they run
-    between the compiled graphs). Returns ``model`` (changed in place); compiled once per site."""
+    through ``torch.compile(..., backend=backend, dynamic=True)`` when the model itself runs eagerly: with the
+    ``hc_rewrite`` backend that is the lowering to the fused kernels on CUDA. (``torch.compile(model)`` traces the
+    stream ops into the model's own graph: ``torch.compile(model, backend="hc_rewrite")`` lowers them there.)
+    Returns ``model`` (changed in place); compiled once per kind of site math."""
     from .stream_value import site_post, site_pre
 
     pre = torch.compile(site_pre, backend=backend, options=options, dynamic=True)
