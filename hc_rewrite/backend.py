@@ -56,7 +56,6 @@ from .passes.pipeline import lower
 log = logging.getLogger(__name__)
 
 BACKEND_NAME = "hc_rewrite"
-LOWERED = "hc_rewrite_lowered"  # gm.meta key: the backend has lowered this graph already
 
 #: Options the backend itself reads; anything else goes to Inductor as a config patch.
 BACKEND_OPTIONS = {"fuse": True, "combos": True, "decompose": True, "compiler": "inductor", "require_hc_ops": True}
@@ -140,7 +139,6 @@ def hc_rewrite_backend(gm: fx.GraphModule, example_inputs, *, options: dict | No
     lowered = lower(gm, everywhere=ours["fuse"] == "all", combos=ours["combos"], kernels=bool(ours["fuse"]),
                     decompose=bool(ours["decompose"])) if nodes else 0
     log.info("hc_rewrite backend: %d stream ops, %d fused, swapped or decomposed", len(nodes), lowered)
-    gm.meta[LOWERED] = True  # Inductor's pre-grad pass (inductor_pass.py) leaves it as this backend's options made it
     compiler = ours["compiler"]
     if compiler != "inductor":
         if compiler == "eager":
@@ -150,7 +148,10 @@ def hc_rewrite_backend(gm: fx.GraphModule, example_inputs, *, options: dict | No
         return lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches=patches or None)
+    from .inductor_pass import others
+
+    # this backend lowered the graph already, with its own options: Inductor's pre-grad pass of ours stays out
+    return compile_fx(gm, example_inputs, config_patches={**patches, "pre_grad_custom_pass": others()})
 
 
 def compile(model, *, options: dict | None = None, **compile_kwargs):  # noqa: A001 - mirrors torch.compile

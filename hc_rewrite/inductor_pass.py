@@ -6,7 +6,8 @@ the graph that still holds one ``torch.ops.hc_rewrite`` node per stream op, as t
 :class:`LowerStreamOps` runs the same lowering stage there (:func:`hc_rewrite.passes.pipeline.lower`: the fused
 kernels where the ops run on CUDA, the fusible forms for Inductor everywhere), so both paths compile the same graph.
 :func:`register` chains it after a pass the user registered; it is a no-op on graphs without stream ops and on
-graphs the ``hc_rewrite`` backend lowered already (its options, e.g. ``decompose=False``, stand).
+graphs the ``hc_rewrite`` backend compiles (it lowers them itself, with its options, and leaves this pass out:
+:func:`others`).
 
 Before (dynamo's graph of a rewritten model)::
 
@@ -29,11 +30,9 @@ class LowerStreamOps(CustomGraphPass):
         from .passes.lower_stream_ops import stream_op_nodes
         from .passes.pipeline import lower
 
-        from .backend import LOWERED
-
         gm = graph.owning_module
-        if gm is None or gm.meta.get(LOWERED) or not stream_op_nodes(gm):
-            return  # nothing to do, or backend="hc_rewrite" lowered it already, with the user's options
+        if gm is None or not stream_op_nodes(gm):
+            return
         lower(gm)
 
     def uuid(self) -> bytes:  # Inductor's FX graph cache keys on it: any change to the lowering is a new key
@@ -63,3 +62,16 @@ def register() -> None:
         config.pre_grad_custom_pass = [*current, PASS]
     else:
         config.pre_grad_custom_pass = [current, PASS]
+
+
+def others():
+    """``pre_grad_custom_pass`` without :data:`PASS` (what the ``hc_rewrite`` backend hands Inductor)."""
+    from torch._inductor import config
+
+    current = config.pre_grad_custom_pass
+    if current is PASS:
+        return None
+    if isinstance(current, (list, tuple)):
+        rest = [p for p in current if p is not PASS]
+        return rest[0] if len(rest) == 1 else (rest or None)
+    return current

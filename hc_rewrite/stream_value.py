@@ -222,10 +222,10 @@ def _tied(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- start
 class StartHook:
     """Where a stream value is made: a forward hook of the module that returns the stream's first value, or a
-    forward pre-hook of the module whose code holds the first site's add and takes that value as an input
-    (:func:`hc_rewrite.passes.place_sites_on_modules.place_stream_start`). It hands the user's code a new stream
-    value (the tensor itself is not changed), so nothing has to change the class of an object the user's code
-    already holds, which ``torch.compile`` cannot trace. Where it finds no single candidate it changes nothing and
+    forward pre-hook of the module whose code holds the first site's add and takes that value as an input (which
+    one: :func:`hc_rewrite.structured.choose_starts`, from the rewrite's check run; saved in the plan). It hands the
+    user's code a new stream value (the tensor itself is not changed), so nothing has to change the class of an
+    object the user's code already holds, which ``torch.compile`` cannot trace. Where it finds no single candidate it changes nothing and
     the first site's entry hook marks the value instead."""
 
     def __init__(self, info: StreamInfo, where=None):
