@@ -141,7 +141,7 @@ def _run_module(model, example_inputs, example_kwargs, spec: HCSpec):
             raise _no_stream(model, rep)
         plan = build_plan(spec, streams, placements)
         for ps in plan.streams:
-            ps.start = starts.get(min(ps.sites, key=lambda s: s.index).name) if ps.sites else None
+            ps.start = starts.get(ps.first.name) if ps.first else None
         new = attach(copy.deepcopy(model).eval(), plan)
         by_name = {s.name: s for st in streams for s in st.sites}
         try:

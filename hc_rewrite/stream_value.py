@@ -104,13 +104,25 @@ def _call_plain(func, args, kwargs):
         return func(*args, **kwargs)
 
 
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """A plain alias of ``t`` (``view_as`` with subclass dispatch off: dynamo cannot trace ``as_subclass(Tensor)``)."""
+    with _plain():
+        return t.view_as(t)
+
+
 def _plain_arg(a):
     """A plain alias of a stream value; one level of lists and tuples (``torch.cat([x, y])``) looked into."""
     if isinstance(a, StreamValue):
-        return a.view_as(a)
+        return _alias(a)
     if isinstance(a, (list, tuple)) and any(isinstance(v, StreamValue) for v in a):
-        return type(a)(v.view_as(v) if isinstance(v, StreamValue) else v for v in a)
+        return type(a)(_alias(v) if isinstance(v, StreamValue) else v for v in a)
     return a
+
+
+def _fits_stream(v, info: "StreamInfo") -> bool:
+    """Whether ``v`` could hold stream ``info``: a floating tensor of its rank with its width on its feature dim."""
+    return (isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() >= 2
+            and (not info.rank or v.dim() == info.rank) and v.shape[info.feature_dim] == info.width)
 
 
 def _bound(x) -> bool:
@@ -232,10 +244,7 @@ class StartHook:
         self.info, self.where = info, where  # where: ["arg", i] / ["kw", name] the input was passed as, or None
 
     def _fits(self, v) -> bool:
-        info = self.info
-        return (isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() >= 2
-                and (not info.rank or v.dim() == info.rank) and v.shape[info.feature_dim] == info.width
-                and not (_bound(v) and v._hc_info is info))
+        return _fits_stream(v, self.info) and not (_bound(v) and v._hc_info is self.info)
 
     def __call__(self, module, args, kwargs, *output):
         if not output and self.where is not None:  # the input the check run saw the stream in
@@ -258,8 +267,8 @@ class StartHook:
 
     def _start(self, x) -> "StreamValue":
         info = self.info
+        plain = _alias(x) if isinstance(x, StreamValue) else x
         with _plain():
-            plain = x.view_as(x) if isinstance(x, StreamValue) else x  # a plain alias (subclass dispatch off)
             w = None if info.variant.split else _widen(plain, info)
         return _wrap(plain, info, w, -1)
 
@@ -290,12 +299,7 @@ class EntryHook:
                 f"lost on the way from the previous site (last op that dropped it: {_LAST_DROP[0]}). Causes: "
                 "reentrant activation checkpointing (use use_reentrant=False), code that detaches or copies the "
                 "stream, or an op on the stream the rewrite does not carry")
-        width = self.info.width
-        fdim = self.info.feature_dim
-        rank = self.info.rank
-        fits = [i for i, v in enumerate(leaves)
-                if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() >= 2
-                and (not rank or v.dim() == rank) and v.shape[fdim] == width]
+        fits = [i for i, v in enumerate(leaves) if _fits_stream(v, self.info)]
         cands = [i for i in fits if not self._ours(leaves[i])]
         if not cands:  # a stream that starts from the last value of another of our streams (layouts alternate)
             cands = [i for i in fits if leaves[i]._hc_info is not self.info]
@@ -304,7 +308,7 @@ class EntryHook:
         if len(cands) != 1:
             raise StreamError(
                 f"{self._describe()}: cannot tell which input of its entry module is the residual stream "
-                f"({len(cands)} candidates of width {width})")
+                f"({len(cands)} candidates of width {self.info.width})")
         return cands[0]
 
     def _ours(self, v) -> bool:
@@ -542,14 +546,10 @@ TRACE = _Trace()
 
 def plain_outputs(out):
     """What the rewritten root hands the caller: its output with stream values unwrapped to plain tensors."""
-    def unwrap(t):
-        with _plain():
-            return t.view_as(t)  # a plain alias (subclass dispatch off); dynamo cannot trace as_subclass(Tensor)
-    return pytree.tree_map_only(StreamValue, unwrap, out)
+    return pytree.tree_map_only(StreamValue, _alias, out)
 
 
 def aliased_inputs(args, kwargs):
     """The caller's tensors, aliased: a stream that starts at an input and has to be marked marks the alias, never
     the caller's own tensor object."""
-    with _plain():
-        return pytree.tree_map_only(torch.Tensor, lambda t: t.view_as(t), (args, kwargs))
+    return pytree.tree_map_only(torch.Tensor, _alias, (args, kwargs))

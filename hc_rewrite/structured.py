@@ -46,9 +46,14 @@ class RootPreHook:
 
     def __call__(self, module, args, kwargs):
         if not self.done:
-            for p in module.parameters():
-                setattr(p, MARK, True)
+            mark_parameters(module)
             self.done = True
+
+
+def mark_parameters(model: nn.Module) -> None:
+    """Set :data:`MARK` on every parameter of ``model``."""
+    for p in model.parameters():
+        setattr(p, MARK, True)
 
 
 def _rewritten_root_forward(self, *args, **kwargs):
@@ -157,10 +162,10 @@ def choose_starts(plan: Plan) -> dict:
     out = {}
     for stream in plan.streams:
         seen = TRACE.starts.get(stream.id)
-        if seen is None or not stream.sites:
+        first = stream.first
+        if seen is None or first is None:
             continue
         returned, received = seen
-        first = min(stream.sites, key=lambda s: s.index)
         if returned is not None and TRACE.calls.get(returned) == 1:
             out[first.name] = ["output", returned]
         elif first.owner and first.owner in received and TRACE.calls.get(first.owner) == 1:
@@ -195,6 +200,11 @@ class PlannedStream:
     # where the stream value is made: ["output", module path] or ["input", module path, ["arg", i] | ["kw", name] |
     # None]; None: the first entry marks it (see choose_starts)
     start: list | None = None
+
+    @property
+    def first(self) -> "PlannedSite | None":
+        """The stream's first site (None for a stream without sites)."""
+        return min(self.sites, key=lambda s: s.index) if self.sites else None
 
 
 @dataclass
@@ -299,8 +309,7 @@ def attach(model: nn.Module, plan: Plan) -> nn.Module:
     model.hc_plan = plan
     model.register_forward_pre_hook(RootPreHook(), with_kwargs=True)
     pin_forward(model, root=True)
-    for p in model.parameters():
-        setattr(p, MARK, True)
+    mark_parameters(model)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         config.hc_rewrite = plan.to_dict()  # saved by save_pretrained: from_pretrained rebuilds from it

@@ -1,6 +1,8 @@
 """Helpers shared by the test modules (plain functions and constants; the fixtures are in conftest)."""
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
@@ -58,3 +60,14 @@ def analysed(model: nn.Module, args, until: str | None = None):
 
 def snapshot(module: nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def moved_copy(new, seed: int = 0):
+    """A copy of the rewritten ``new`` whose connection parameters have moved off their init by ``0.05 * N(0, 1)``
+    (so equality with eager, or a difference from the original, is not luck)."""
+    out = copy.deepcopy(new)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.hc.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return out

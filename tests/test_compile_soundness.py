@@ -20,7 +20,7 @@ import torch
 import hc_rewrite
 from hc_rewrite.zoo import ZOO
 
-from .helpers import rel_err
+from .helpers import moved_copy, rel_err
 
 TOL = 1e-5
 
@@ -44,19 +44,9 @@ def rewritten(llama, ids):
         key = (variant, dynamic, n)
         if key not in cache:
             cache[key] = hc_rewrite.rewrite(llama, (ids,), variant=variant, n=n, dynamic=dynamic)
-        return moved(cache[key], seed=len(cache))
+        return moved_copy(cache[key], seed=len(cache))
 
     return get
-
-
-def moved(new, seed=0):
-    """A copy of ``new`` whose connection parameters have moved off their init."""
-    out = copy.deepcopy(new)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in out.hc.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return out
 
 
 RUNS = [0]  # calls of compiled graphs: a compiled model that ran none of them proves nothing
@@ -141,7 +131,7 @@ def test_the_issue_flow_compile_call_then_rewrite(llama, ids):
     torch._dynamo.reset()
     original = copy.deepcopy(llama)
     logits(torch.compile(original, backend="aot_eager"), ids)
-    new = moved(hc_rewrite.rewrite(original, (ids,), variant="hc", n=4, dynamic=True))
+    new = moved_copy(hc_rewrite.rewrite(original, (ids,), variant="hc", n=4, dynamic=True))
     ref = logits(new, ids)
     assert rel_err(logits(torch.compile(new, backend="aot_eager"), ids), ref) <= TOL
 

@@ -16,7 +16,7 @@ import torch
 import hc_rewrite
 from hc_rewrite.zoo import ZOO
 
-from .helpers import rel_err
+from .helpers import moved_copy, rel_err
 
 TOL = 1e-5
 
@@ -34,12 +34,7 @@ def _main(out):
 def _rewrite(name, variant, seed=0):
     model = ZOO[name].build().eval()
     args, kwargs = ZOO[name].inputs(2, 8, torch.Generator().manual_seed(seed))
-    new = hc_rewrite.rewrite(model, args, kwargs, variant=variant, n=4)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in new.hc.parameters():  # off their init, so equality is not luck
-            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return new
+    return moved_copy(hc_rewrite.rewrite(model, args, kwargs, variant=variant, n=4), seed + 1)
 
 
 def _loss_and_grads(model, args, kwargs):
@@ -103,10 +98,7 @@ def test_per_block_compile_shares_one_graph_across_blocks(variant):
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(3))
-    new = hc_rewrite.rewrite(model, (ids,), variant=variant, n=4)
-    with torch.no_grad():
-        for p in new.hc.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    new = moved_copy(hc_rewrite.rewrite(model, (ids,), variant=variant, n=4))
     ref, ref_grads = _loss_and_grads(new, (ids,), {"use_cache": False})
     torch._dynamo.reset()
     backend = _Counting()
@@ -195,10 +187,7 @@ def test_plain_torch_compile_lowers_the_stream_ops(variant):
     torch.manual_seed(0)
     x = torch.randn(2, 16, 64)
     options = {"sinkhorn_iters": 3} if variant == "mhc" else {}
-    new = hc_rewrite.rewrite(GPTStack(64, 1), (x,), variant=variant, n=4, **options)
-    with torch.no_grad():
-        for p in new.hc.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    new = moved_copy(hc_rewrite.rewrite(GPTStack(64, 1), (x,), variant=variant, n=4, **options))
     ref, ref_grads = _loss_and_grads(new, (x,), {})
     torch._dynamo.reset()
     compiled = torch.compile(new, fullgraph=True)

@@ -18,7 +18,7 @@ from hc_rewrite.stream_value import StreamError
 from hc_rewrite.zoo import ZOO
 from hc_rewrite.zoo_handwritten import SameTensorTwoLayouts
 
-from .helpers import rel_err, snapshot
+from .helpers import moved_copy, rel_err, snapshot
 
 TOL = 1e-5
 
@@ -35,16 +35,6 @@ def llama():
     before = snapshot(model)
     new = hc_rewrite.rewrite(model, (_ids(model, 1, 6),), variant="mhc", n=4)
     return model, new, before
-
-
-def _moved(new, seed=0):
-    """A copy of ``new`` whose connection parameters have moved off their init (so equality is not luck)."""
-    moved = copy.deepcopy(new)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in moved.hc.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return moved
 
 
 # ----------------------------------------------------------------------------- 1. class and module tree
@@ -227,7 +217,7 @@ def test_generate_gives_the_same_greedy_tokens(name, cls):
 # ----------------------------------------------------------------------------- 5. save / load
 def test_save_pretrained_and_from_pretrained_roundtrip(llama, tmp_path):
     model, new, _ = llama
-    moved = _moved(new)
+    moved = moved_copy(new)
     moved.save_pretrained(tmp_path)
     back = hc_rewrite.from_pretrained(tmp_path)
     assert type(back) is type(model)
@@ -242,7 +232,7 @@ def test_save_pretrained_and_from_pretrained_roundtrip(llama, tmp_path):
 def test_plain_module_state_dict_and_plan_roundtrip():
     model = ShapeBranchNet().eval()
     x = torch.randn(2, 5, 8)
-    new = _moved(hc_rewrite.rewrite(model, (x,), variant="frac", n=4))
+    new = moved_copy(hc_rewrite.rewrite(model, (x,), variant="frac", n=4))
     plan, state = new.hc_plan.to_json(), new.state_dict()
     back = hc_rewrite.rebuild(ShapeBranchNet().eval(), plan, state)
     with torch.no_grad():
@@ -300,7 +290,7 @@ def test_activation_checkpointing_per_layer_gives_the_same_gradients(llama):
 
     model, new, _ = llama
     ids = _ids(model, 2, 8, seed=9)
-    plain = _moved(new).train()
+    plain = moved_copy(new).train()
     ref = _grads(plain, ids)
     assert any(k.startswith("hc.") for k in ref)
     ckpt = copy.deepcopy(plain)
@@ -329,7 +319,7 @@ def test_reentrant_checkpointing_is_a_clear_error(llama):
 def test_torch_compile_whole_model_and_one_block(llama, backend, options):
     """Compiles and stays exact; the stream ops run eagerly between the compiled graphs (graph breaks)."""
     model, new, _ = llama
-    moved = _moved(new)
+    moved = moved_copy(new)
     ids = _ids(model, 2, 8, seed=10)
     with torch.no_grad():
         ref = moved(ids).logits
@@ -374,7 +364,7 @@ def test_compile_stream_ops_hands_the_stream_math_to_the_backend(llama):
     from hc_rewrite.backend import stream_op_nodes
 
     model, new, _ = llama
-    moved = _moved(new)
+    moved = moved_copy(new)
     ids = _ids(model, 2, 8, seed=12)
     with torch.no_grad():
         ref = moved(ids).logits
@@ -389,7 +379,7 @@ def test_compile_stream_ops_hands_the_stream_math_to_the_backend(llama):
     with torch.no_grad():
         assert rel_err(ref, moved(ids).logits) <= TOL
         other = _ids(model, 3, 5)
-        assert rel_err(_moved(new)(other).logits, moved(other).logits) <= TOL  # another shape, same compile
+        assert rel_err(moved_copy(new)(other).logits, moved(other).logits) <= TOL  # another shape, same compile
     assert seen and all(k > 0 for k in seen)  # every graph the backend got holds stream ops
     assert len(seen) <= 4  # compiled once per kind of site math (dynamic shapes), not once per call
     moved.train()
