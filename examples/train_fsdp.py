@@ -6,7 +6,7 @@ torch.compile, several processes. The same script runs on CPUs (gloo) and GPUs (
     python examples/train_fsdp.py --steps 20                                      # one process, no wrapper
 
 The model is ``hc_rewrite.rewrite(LlamaForCausalLM(config), ...)`` (mHC n=4 by default, the structure-preserving
-form: the same class and module tree, so ``fully_shard`` and ``apply_activation_checkpointing`` go on its decoder
+form: the same class and module tree, so ``fully_shard`` and ``checkpoint_wrapper`` go on its decoder
 layers as on any Llama). Data: byte-level windows of this interpreter's standard library (see train_lm.py), the
 same global batch for every world size; each rank trains on its slice. Rank 0 prints the loss of every step
 (averaged over ranks) and, with ``--out``, writes them as JSON, so runs with different world sizes can be compared
@@ -67,19 +67,23 @@ def build(args, device):
 
 
 def wrap(model, args, world: int):
-    """Activation checkpointing per decoder layer, compile per layer, then FSDP2 per layer + root (or DDP)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    """Compile per decoder layer, activation checkpointing per layer, then FSDP2 per layer + root (or DDP).
 
-    layer_cls = type(model.model.layers[0])
-    if not args.no_checkpointing:
-        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, layer_cls))
-    if args.compile != "none":
-        for layer in model.model.layers:
+    Compile first, then checkpoint: each layer is one graph that the layers share. The other order (checkpoint, then
+    compile the wrapper, as torchtitan does) gives the same numbers, but the checkpointed region of a rewritten model
+    runs eagerly there (a graph break; docs/design.md "Checkpointing inside a compiled region")."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        if args.compile != "none":
             layer.compile(backend=args.compile)
+        if not args.no_checkpointing:
+            layers[i] = checkpoint_wrapper(layer)
     if world > 1 and args.parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for layer in model.model.layers:
+        for layer in layers:
             fully_shard(layer)
         fully_shard(model)
     elif world > 1:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
+import torch.utils.checkpoint
 
 from . import variants
 from .errors import HCRewriteError
@@ -501,6 +502,26 @@ def _view(func, args, kwargs):
     return _link(func, args, kwargs, wide)
 
 
+# ----------------------------------------------------------------------------- activation checkpointing under compile
+def _checkpoint_eagerly(func, args, kwargs):
+    return func(*args, **kwargs)
+
+
+_checkpoint_eagerly = torch._dynamo.disable(_checkpoint_eagerly, reason=(
+    "hc_rewrite: activation checkpointing of a region that takes a residual stream value, inside a compiled region, "
+    "runs eagerly (a graph break). Dynamo traces the checkpointed body from StreamValue.__torch_function__, where "
+    "subclass dispatch is off: the site adds would not be rewritten. For one graph per block, compile inside the "
+    "checkpoint (compile each block, then wrap it) or leave checkpointing out of the compiled region"))
+
+
+def _checkpoint(func, args, kwargs):
+    """``torch.utils.checkpoint.checkpoint`` on a stream value. Eager checkpointing is plain Python and never comes
+    here; under ``torch.compile`` dynamo hands the call here (a stream value is an argument) and would trace the
+    body with subclass dispatch off, so the region runs eagerly instead: a graph break, the eager numbers (with
+    ``fullgraph=True``, dynamo's error names the reason above)."""
+    return _checkpoint_eagerly(func, args, kwargs)
+
+
 _ADD_FUNCS = [torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__]
 _INPLACE_ADD = {torch.Tensor.add_, torch.Tensor.__iadd__}
 _INPLACE_OTHER = {
@@ -515,6 +536,7 @@ _HANDLERS.update({f: _relu for f in (F.relu, torch.relu, torch.Tensor.relu, torc
 _HANDLERS.update({f: _cast for f in (torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16,
                                      torch.Tensor.double, torch.Tensor.type_as)})
 _HANDLERS.update({f: _same for f in (torch.Tensor.contiguous, torch.Tensor.clone, torch.Tensor.view_as)})
+_HANDLERS[torch.utils.checkpoint.checkpoint] = _checkpoint
 _HANDLERS.update({f: _view for f in (torch.Tensor.view, torch.Tensor.reshape, torch.reshape)})
 
 class _Trace:

@@ -2,7 +2,9 @@
 
 examples/train_fsdp.py rewrites a HF Llama (mHC n=4, the structure-preserving form), puts activation
 checkpointing, torch.compile and FSDP2 ``fully_shard`` on every decoder layer (then the root), or DDP, and trains
-on the standard-library corpus. Two ranks must give the per-step losses of one process on the same global batch.
+on the standard-library corpus. Two ranks must give the per-step losses of one process on the same global batch, and
+that process the losses of one with neither compile nor checkpointing (so a wrong compiled model, the same on every
+rank, cannot pass).
 """
 from __future__ import annotations
 
@@ -46,3 +48,9 @@ def test_two_ranks_give_the_losses_of_one_process(single, tmp_path, parallel):
     for a, b in zip(ref, got["losses"]):
         assert abs(a - b) <= 1e-5 * abs(a)
     assert ref[-1] < ref[0]  # and it trains
+
+
+def test_compile_and_checkpointing_give_the_losses_of_the_plain_eager_run(single, tmp_path):
+    eager = _run(tmp_path, "eager", "--compile", "none", "--no-checkpointing")
+    for a, b in zip(eager["losses"], single["losses"]):
+        assert abs(a - b) <= 1e-5 * abs(a)

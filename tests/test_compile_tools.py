@@ -1,0 +1,201 @@
+"""What people put around a compiled model gives the eager numbers, or says why not (issue 21, item 5).
+
+Activation checkpointing with ``torch.compile`` in both orders (compile each block, then checkpoint it: one graph per
+block; checkpoint, then compile: the checkpointed region runs eagerly, a graph break, and ``fullgraph=True`` is
+dynamo's error naming the reason), selective activation checkpointing (``context_fn`` policies, as torchtitan's
+op-level SAC) eager and compiled, PEFT LoRA under compile (one graph), ``generate`` of a compiled model. Hooks under
+compile are in test_one_graph.py; FSDP2 with per-block compile on 2 gloo ranks in test_distributed.py.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+import hc_rewrite
+from hc_rewrite.zoo import ZOO
+
+from .helpers import moved_copy, rel_err
+
+VARIANTS = ("mhc", "frac", "hc")
+BACKEND = "aot_eager"
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block, as users and torchtitan write it."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d, bias=False), nn.GELU(), nn.Linear(2 * d, d, bias=False))
+
+    def attn(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class Stack(nn.Module):
+    def __init__(self, d=32, layers=3):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(d) for _ in range(layers))
+        self.norm = nn.RMSNorm(d)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+def _policy(ctx, op, *args, **kwargs):
+    """torchtitan's op-level SAC in small: keep matmul outputs, recompute the rest."""
+    return CheckpointPolicy.MUST_SAVE if op in (torch.ops.aten.mm.default,) else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+SAC = functools.partial(create_selective_checkpoint_contexts, _policy)
+
+
+@functools.lru_cache(maxsize=None)
+def _rewritten(variant):
+    torch.manual_seed(0)
+    model = Stack().train()
+    return moved_copy(hc_rewrite.rewrite(model, (torch.randn(2, 8, 32),), variant=variant, n=4), 1)
+
+
+def _run(model, x):
+    """Output and every parameter's gradient of a random-projection loss (keys without wrapper prefixes)."""
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(0))).mean().backward()
+    strip = ("._checkpoint_wrapped_module", "_orig_mod.")
+    grads = {}
+    for k, p in model.named_parameters():
+        for s in strip:
+            k = k.replace(s, "")
+        grads[k] = p.grad.clone()
+    return out.detach(), grads
+
+
+def _assert_same(got, ref):
+    (out, grads), (ref_out, ref_grads) = got, ref
+    assert rel_err(ref_out, out) <= 1e-5
+    assert grads.keys() == ref_grads.keys() and any(k.startswith("hc.") for k in grads)
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def _wrap(model, order, context_fn=None, fullgraph=False):
+    """Checkpoint every block and compile every block, in ``order``; ``None`` in a slot: left out."""
+    kw = {} if context_fn is None else {"context_fn": context_fn}
+    blocks = model.blocks
+    for i, block in enumerate(blocks):
+        if order == "compile-then-checkpoint":
+            block.compile(backend=BACKEND, fullgraph=True)
+            blocks[i] = checkpoint_wrapper(block, **kw)
+        elif order == "checkpoint-then-compile":
+            blocks[i] = checkpoint_wrapper(block, **kw)
+            blocks[i].compile(backend=BACKEND, fullgraph=fullgraph)
+        else:  # checkpoint only, eager
+            blocks[i] = checkpoint_wrapper(block, **kw)
+    return model
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("sac", [False, True], ids=["ac", "sac"])
+@pytest.mark.parametrize("order", ["eager", "compile-then-checkpoint", "checkpoint-then-compile"])
+def test_checkpointing_with_and_without_compile_gives_the_eager_gradients(variant, sac, order):
+    new = _rewritten(variant)
+    x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(3))  # not the capture's shape
+    ref = _run(new, x)
+    torch._dynamo.reset()
+    model = _wrap(copy.deepcopy(new), order, SAC if sac else None)
+    _assert_same(_run(model, x), ref)
+
+
+def _block_graphs(model) -> int:
+    """Graphs compiled for the blocks' forward (each block compiled, then checkpointed with SAC), one call."""
+    torch._dynamo.reset()
+    counts = []
+
+    def backend(gm, example_inputs):
+        if "qkv" in gm.code:  # the block's forward (a hook of a compiled module is a frame of its own: the start's)
+            counts.append(gm)
+        return gm.forward
+
+    for i, block in enumerate(model.blocks):
+        block.compile(backend=backend, fullgraph=True)
+        model.blocks[i] = checkpoint_wrapper(block, context_fn=SAC)
+    _run(model, torch.randn(2, 8, 32))
+    return len(counts)
+
+
+def test_compile_then_checkpoint_compiles_no_graph_per_layer():
+    torch.manual_seed(0)
+    plain = _block_graphs(Stack().train())  # 2: the first block's input does not require grad, the others' do
+    # mHC: one more (the last block's last site has no H_res: other parameter shapes); never one per layer
+    assert _block_graphs(copy.deepcopy(_rewritten("mhc"))) <= plain + 1
+
+
+def test_checkpoint_inside_a_fullgraph_compile_is_an_error_naming_the_cause():
+    model = _wrap(copy.deepcopy(_rewritten("mhc")), "checkpoint-then-compile", SAC, fullgraph=True)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="hc_rewrite: activation checkpointing of a region"):
+        model(torch.randn(2, 8, 32))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_peft_lora_under_compile_is_one_graph_with_eager_gradients(variant):
+    import peft
+
+    model = ZOO["llama"].build().eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(5))
+    new = moved_copy(hc_rewrite.rewrite(model, (ids,), variant=variant), 1)
+    lora = peft.get_peft_model(new, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # LoRA's B starts at zero: move it so its gradients and output are not trivial
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+    lora.train()
+    ids = torch.randint(0, model.config.vocab_size, (3, 5), generator=torch.Generator().manual_seed(6))
+
+    def run(m):
+        lora.zero_grad(set_to_none=True)
+        loss = m(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in lora.named_parameters() if p.grad is not None}
+
+    ref_loss, ref_grads = run(lora)
+    assert ref_grads and all("lora_" in k for k in ref_grads)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lora)(ids, labels=ids)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
+    loss, grads = run(torch.compile(lora, backend=BACKEND, fullgraph=True))
+    assert rel_err(ref_loss, loss) <= 1e-5
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_generate_of_a_compiled_model_gives_the_eager_tokens_and_scores(variant):
+    model = ZOO["llama"].build().eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(5))
+    new = moved_copy(hc_rewrite.rewrite(model, (ids,), variant=variant), 1)
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    ref = new.generate(ids, **gen)
+    torch._dynamo.reset()
+    compiled = copy.deepcopy(new)
+    compiled.compile(backend=BACKEND)  # generate calls the module: the compiled call
+    got = compiled.generate(ids, **gen)
+    assert torch.equal(ref.sequences, got.sequences)
+    assert max(rel_err(a, b) for a, b in zip(ref.scores, got.scores)) <= 1e-5
