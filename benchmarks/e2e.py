@@ -84,7 +84,10 @@ class GPTStack(nn.Module):
 VARIANTS = ("residual", *NAMES)
 #: the default (structure-preserving) form: the user's model, compiled with plain ``torch.compile`` (Inductor)
 MODULE_ROWS = tuple(f"module-{v}" for v in NAMES)
-ROWS = (*VARIANTS, *MODULE_ROWS, *pypi_stacks.KINDS)
+#: the same, compiled without hc_rewrite's recompute tags (AOTAutograd saves what its partitioner picks): the time
+#: the recomputation costs, and the memory it saves (benchmarks/memory.py)
+SAVE_ROWS = tuple(f"module-{v}-save" for v in NAMES)
+ROWS = (*VARIANTS, *MODULE_ROWS, *SAVE_ROWS, *pypi_stacks.KINDS)
 MODES = ("eager", "compiled")
 #: per device: d, layers, batch, seq, warmup, steps, modes
 DEFAULTS = {
@@ -116,6 +119,20 @@ def build(row, d, layers, x, device, compile_, kernels, seed=0):
     if row in MODULE_ROWS:  # the user's own model, rewritten; plain torch.compile (what torchtitan / Trainer call)
         new = hc_rewrite.rewrite(model, (x,), variant=row.removeprefix("module-"), n=4)
         return (torch.compile(new) if compile_ else new), new, "inductor (default form)" if compile_ else "eager"
+    if row in SAVE_ROWS:
+        from hc_rewrite.inductor_pass import PASS
+
+        new = hc_rewrite.rewrite(model, (x,), variant=row.removeprefix("module-").removesuffix("-save"), n=4)
+        if not compile_:
+            return new, new, "eager"
+        compiled = torch.compile(new)
+        PASS.recompute = False
+        try:  # the first training call compiles forward and backward
+            compiled(x).float().square().mean().backward()
+        finally:
+            PASS.recompute = True
+        new.zero_grad(set_to_none=True)
+        return compiled, new, "inductor (default form, no recompute tags)"
     gm = hc_rewrite.rewrite(model, (x,), variant=row, n=4, form="graph")
     if not compile_:
         return gm, gm, "eager"

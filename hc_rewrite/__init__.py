@@ -5,7 +5,8 @@
 >>> print(new_model.hc_report)                                                 # doctest: +SKIP
 """
 from .api import report, rewrite
-from .structured import Plan, compile_stream_ops, from_pretrained, rebuild, strip, to_graph
+from .structured import (Plan, compile_stream_ops, connection_keys, from_pretrained, init_connections, rebuild, strip,
+                         to_graph)
 
 
 def export_onnx(*args, **kwargs):
@@ -25,5 +26,5 @@ __version__ = "0.1.0"
 __all__ = [
     "rewrite", "report", "RewriteReport", "HCSpec", "HCRewriteError", "SpecError", "CaptureError",
     "NoResidualStreamError", "StructureError", "ops", "reference", "__version__", "from_pretrained", "rebuild",
-    "Plan", "strip", "to_graph", "export_onnx", "compile_stream_ops",
+    "Plan", "strip", "to_graph", "export_onnx", "compile_stream_ops", "init_connections", "connection_keys",
 ]

@@ -29,6 +29,8 @@ package, and is also registered when this module is imported.
   in their fusible form (:mod:`hc_rewrite.ops.fusible`: the products over the stream's ``n`` unrolled, no
   normalised copies; :mod:`hc_rewrite.passes.decompose_stream_ops`); False leaves them to AOTAutograd's
   decomposition of the reference (for comparison).
+* ``recompute`` (bool, default True): tag the stream ops for recomputation in backward (the widened stream is kept
+  once per block, :mod:`hc_rewrite.passes.tag_stream_recompute`); False: AOTAutograd's partitioner picks alone.
 * ``compiler`` (default ``"inductor"``): what compiles the (lowered) graph. ``"aot_eager"`` runs
   AOTAutograd (decompositions, fake-tensor tracing of the fused ops, the joint graph) without code
   generation; ``"eager"`` runs the graph as captured. Both are for debugging, or for machines where no
@@ -58,7 +60,8 @@ log = logging.getLogger(__name__)
 BACKEND_NAME = "hc_rewrite"
 
 #: Options the backend itself reads; anything else goes to Inductor as a config patch.
-BACKEND_OPTIONS = {"fuse": True, "combos": True, "decompose": True, "compiler": "inductor", "require_hc_ops": True}
+BACKEND_OPTIONS = {"fuse": True, "combos": True, "decompose": True, "recompute": True, "compiler": "inductor",
+                   "require_hc_ops": True}
 COMPILERS = ("inductor", "aot_eager", "eager")
 
 FIX = (
@@ -137,7 +140,7 @@ def hc_rewrite_backend(gm: fx.GraphModule, example_inputs, *, options: dict | No
                     "hc_rewrite.compile_stream_ops(model) hands them to this backend; rewrite(form='graph') gives "
                     "one graph whose stream ops this backend fuses")
     lowered = lower(gm, everywhere=ours["fuse"] == "all", combos=ours["combos"], kernels=bool(ours["fuse"]),
-                    decompose=bool(ours["decompose"])) if nodes else 0
+                    decompose=bool(ours["decompose"]), recompute=bool(ours["recompute"])) if nodes else 0
     log.info("hc_rewrite backend: %d stream ops, %d fused, swapped or decomposed", len(nodes), lowered)
     compiler = ours["compiler"]
     if compiler != "inductor":

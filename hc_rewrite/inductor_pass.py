@@ -24,7 +24,13 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 
 class LowerStreamOps(CustomGraphPass):
-    """Inductor pre-grad pass: :func:`hc_rewrite.passes.pipeline.lower` on a graph with stream ops."""
+    """Inductor pre-grad pass: :func:`hc_rewrite.passes.pipeline.lower` on a graph with stream ops.
+    ``recompute`` (default ``True``): tag the stream ops for recomputation in backward
+    (:mod:`~hc_rewrite.passes.tag_stream_recompute`); ``hc_rewrite.inductor_pass.PASS.recompute = False`` keeps
+    AOTAutograd's own choice (faster backward, more activation memory)."""
+
+    def __init__(self):
+        self.recompute = True
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         from .passes.lower_stream_ops import stream_op_nodes
@@ -33,7 +39,7 @@ class LowerStreamOps(CustomGraphPass):
         gm = graph.owning_module
         if gm is None or not stream_op_nodes(gm):
             return
-        lower(gm)
+        lower(gm, recompute=self.recompute)
 
     def uuid(self) -> bytes:  # Inductor's FX graph cache keys on it: any change to the lowering is a new key
         import os
@@ -43,7 +49,7 @@ class LowerStreamOps(CustomGraphPass):
         for sub in ("passes", "ops", "kernels", "variants"):
             root = os.path.join(here, sub)
             files += sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".py"))
-        return get_hash_for_files(tuple(files))
+        return get_hash_for_files(tuple(files)) + (b"recompute" if self.recompute else b"save")
 
 
 PASS = LowerStreamOps()

@@ -308,12 +308,63 @@ def attach(model: nn.Module, plan: Plan) -> nn.Module:
     model.add_module("hc", holder)
     model.hc_plan = plan
     model.register_forward_pre_hook(RootPreHook(), with_kwargs=True)
+    model.register_load_state_dict_post_hook(UpcycleHook())
     pin_forward(model, root=True)
     mark_parameters(model)
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_dict"):
+    config = hf_config(model)
+    if config is not None:
         config.hc_rewrite = plan.to_dict()  # saved by save_pretrained: from_pretrained rebuilds from it
     return model
+
+
+def init_connections(model: nn.Module) -> nn.Module:
+    """Put every connection parameter of the rewritten ``model`` back to its function-preserving init, in place, the
+    same values ``rewrite`` gave (the plan's seed): after ``to_empty`` of a model built on the meta device (the
+    connections are not reached by the model's own ``init_weights``), or to start the connections afresh."""
+    holder = getattr(model, "hc", None)
+    plan = getattr(model, "hc_plan", None)
+    if not isinstance(holder, nn.Module) or plan is None:
+        raise ValueError("init_connections: this model was not rewritten by hc_rewrite (no 'hc' connections)")
+    generator = torch.Generator().manual_seed(plan.seed)
+    for params in holder.children():  # the order attach made them in: the same draws
+        params.reset_parameters(generator)
+    return model
+
+
+class UpcycleHook:
+    """``load_state_dict`` post-hook of a rewritten model: a plain checkpoint (every key of the original model, none
+    of the connections) loads, strict or not, and the connections go back to their function-preserving init, so the
+    result computes what the original computes with those weights. Anything else is left as torch reports it: a
+    checkpoint with some connection keys but not all, or a partial one (a PEFT adapter: the base weights missing too,
+    the trained connections kept)."""
+
+    def __call__(self, module, incompatible_keys) -> None:
+        ours = [f"hc.{k}" for k in module.hc.state_dict()]
+        missing = [k for k in incompatible_keys.missing_keys if any(k == o or k.endswith("." + o) for o in ours)]
+        if ours and len(missing) == len(ours) == len(incompatible_keys.missing_keys):
+            for k in missing:
+                incompatible_keys.missing_keys.remove(k)
+            init_connections(module)
+
+
+def connection_keys(model: nn.Module) -> list:
+    """The state-dict keys of the connection parameters of a rewritten ``model`` (``hc.*``): leave them out of the
+    state dict given to a loader that insists on every key (``torch.distributed.checkpoint.load`` of a plain
+    checkpoint), then call :func:`init_connections`."""
+    return [f"hc.{k}" for k in model.hc.state_dict()]
+
+
+def hf_config(model: nn.Module):
+    """``model.config`` if it is a ``transformers.PretrainedConfig`` (the one config the plan is written into, for
+    ``save_pretrained``), else ``None``: any other config object (torchtitan's slotted dataclasses, a user's own) is
+    never written to; the plan lives on the model (``model.hc_plan``)."""
+    import sys
+
+    config = getattr(model, "config", None)
+    transformers = sys.modules.get("transformers")
+    if config is None or transformers is None:
+        return None
+    return config if isinstance(config, transformers.PretrainedConfig) else None
 
 
 def from_pretrained(path, model_class=None, **kwargs) -> nn.Module:
@@ -392,12 +443,14 @@ def strip(model: nn.Module) -> nn.Module:
                       if isinstance(h, (EntryHook, StartHook, RootPreHook))]:
                 del hooks[k]
                 kw.pop(k, None)
+        for k in [k for k, h in m._load_state_dict_post_hooks.items() if isinstance(h, UpcycleHook)]:
+            del m._load_state_dict_post_hooks[k]
         unpin_forward(m)
     for attr in ("hc_plan", "hc_report"):
         new.__dict__.pop(attr, None)
     if isinstance(getattr(new, "hc", None), nn.Module):
         del new.hc
-    config = getattr(new, "config", None)
+    config = hf_config(new)
     if config is not None and hasattr(config, "hc_rewrite"):
         del config.hc_rewrite
     return new

@@ -97,3 +97,15 @@ def test_compiled_rows_check_their_own_function():
     with pytest.raises(CompiledMismatch, match="another model's compiled code"):
         check_compiled(compiled_base, new, x)  # the original's graph timed as the rewritten model
     assert all(torch.equal(p, b) for p, b in zip(new.parameters(), before))  # parameters put back
+
+
+def test_memory_small_eager(tmp_path):
+    """benchmarks.memory runs end to end (eager at a small size: the compiled figures' claims are tested in
+    tests/passes/test_tag_stream_recompute.py); the rewritten stack keeps more than the plain one."""
+    out = tmp_path / "memory.json"
+    proc = _run("benchmarks.memory", "--mode", "eager", "--d", "32", "--layers", "2", "--batch", "2", "--seq", "16",
+                "--variants", "residual", "module-mhc", "module-frac", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = {r["variant"]: r for r in json.loads(out.read_text())["runs"]}
+    assert runs["residual"]["x_residual"] == 1.0
+    assert runs["module-mhc"]["x_residual"] > runs["module-frac"]["x_residual"] > 1.0

@@ -229,6 +229,28 @@ def test_save_pretrained_and_from_pretrained_roundtrip(llama, tmp_path):
     assert back.hc_plan.to_dict() == new.hc_plan.to_dict()
 
 
+def test_a_config_object_that_is_not_transformers_is_never_written_to():
+    """torchtitan's model configs are slotted dataclasses with ``to_dict``: the plan lives on the model only."""
+    import dataclasses
+
+    @dataclasses.dataclass(slots=True)
+    class Config:
+        dim: int = 16
+
+        def to_dict(self):
+            return dataclasses.asdict(self)
+
+    model = ShapeBranchNet().eval()
+    model.config = Config()
+    x = torch.randn(2, 5, 8)
+    new = hc_rewrite.rewrite(model, (x,), variant="mhc", n=4)
+    assert new.config.to_dict() == {"dim": 16} and not hasattr(new.config, "hc_rewrite")
+    assert new.hc_plan.to_dict()["streams"]
+    assert rel_err(model(x), new(x)) <= TOL
+    hc_rewrite.strip(new)  # and back
+    assert new.config.to_dict() == {"dim": 16}
+
+
 def test_plain_module_state_dict_and_plan_roundtrip():
     model = ShapeBranchNet().eval()
     x = torch.randn(2, 5, 8)

@@ -40,6 +40,7 @@ import torch
 import torch.fx as fx
 
 from .. import variants
+from .tag_stream_recompute import copy_tags
 
 
 def _targets(name: str) -> set:
@@ -97,6 +98,7 @@ def _fuse_coeff_pre(gm: fx.GraphModule, combos: dict) -> int:
             pre = pres[0]
             with g.inserting_before(node):
                 new = g.call_function(combo, tuple(node.args), dict(node.kwargs))
+                copy_tags(node, new)
             with g.inserting_after(new):
                 branch = g.call_function(operator.getitem, (new, 0))
             pre.replace_all_uses_with(branch)
@@ -132,6 +134,7 @@ def _fuse_post_pre(gm: fx.GraphModule, combos: dict) -> int:
             continue
         with g.inserting_before(node):
             new = g.call_function(combo, args)
+            copy_tags(post, new)  # the post's group: the new stream it returns is what a later group reads
         with g.inserting_after(new):
             w1 = g.call_function(operator.getitem, (new, 0))
         _replace_outputs(g, items, new, {i: i + 1 for i in range(6)})

@@ -8,8 +8,8 @@ reads the fields of a :class:`PassContext` it names and writes its result to one
                           ─▶ find_residual_sites ─▶ infer_feature_axes ─▶ group_residual_streams
             ├─▶ GRAPH_FORM:  insert_hyper_connections                           (rewrite(form="graph"))
             └─▶ MODULE_FORM: place_sites_on_modules, regrouping refused sites   (rewrite(form="module"))
-    torch.compile(backend="hc_rewrite") ──▶ LOWERING: fuse_stream_ops ─▶ lower_stream_ops (CUDA)
-                                                  ─▶ decompose_stream_ops               (:func:`lower`)
+    torch.compile ──▶ LOWERING: tag_stream_recompute ─▶ fuse_stream_ops ─▶ lower_stream_ops (CUDA)
+                                ─▶ decompose_stream_ops                   (:func:`lower`: backend and Inductor pass)
 
 Users: :mod:`hc_rewrite.api` (ANALYSIS and the form's stage), :mod:`hc_rewrite.backend` (:func:`lower`),
 ``benchmarks/pass_speed.py`` and the tests (a prefix of ANALYSIS: :meth:`PassManager.until`).
@@ -31,6 +31,7 @@ from .insert_hyper_connections import insert_hyper_connections
 from .lower_stream_ops import lower_stream_ops, stream_op_nodes
 from .decompose_stream_ops import decompose_stream_ops
 from .place_sites_on_modules import place_sites_on_modules
+from .tag_stream_recompute import tag_stream_recompute
 from .remove_metadata_asserts import remove_metadata_asserts
 from .restore_batch_norm_modules import restore_batch_norm_modules
 from .restore_dropout_modules import restore_dropout_modules
@@ -143,6 +144,7 @@ MODULE_FORM = PassManager.build_from_passlist([
 #: The ``hc_rewrite`` compile backend: the stream ops to the fused kernels where they run, the rest to the
 #: forms Inductor fuses (see :func:`lower`).
 LOWERING = PassManager.build_from_passlist([
+    Pass(tag_stream_recompute),
     Pass(fuse_stream_ops),
     Pass(lower_stream_ops, reads=("fused",)),
     Pass(decompose_stream_ops),
@@ -180,11 +182,12 @@ def runs_on_cuda(gm: fx.GraphModule) -> bool:
 
 
 def lower(gm: fx.GraphModule, *, everywhere: bool = False, combos: bool = True, fused: dict | None = None,
-          kernels: bool = True, decompose: bool = True) -> int:
+          kernels: bool = True, decompose: bool = True, recompute: bool = True) -> int:
     """Run :data:`LOWERING` on ``gm`` in place. The kernel passes run where the stream ops run on CUDA
     (``everywhere``: on any device; off CUDA the fused ops run the reference math, or the Triton interpreter: for
     testing); ``combos=False`` leaves out the fusion (single-op swaps only), ``kernels=False`` both; ``fused``
-    replaces the kernels' table (tests). ``decompose_stream_ops`` runs on every device unless ``decompose=False``.
+    replaces the kernels' table (tests). ``decompose_stream_ops`` runs on every device unless ``decompose=False``;
+    ``recompute=False`` leaves out ``tag_stream_recompute`` (AOTAutograd then saves what its partitioner picks).
     Returns the number of nodes fused, swapped or decomposed."""
     passes = LOWERING
     if not kernels or not (everywhere or runs_on_cuda(gm)):
@@ -193,5 +196,7 @@ def lower(gm: fx.GraphModule, *, everywhere: bool = False, combos: bool = True, 
         passes = passes.without("fuse_stream_ops")
     if not decompose:
         passes = passes.without("decompose_stream_ops")
+    if not recompute:
+        passes = passes.without("tag_stream_recompute")
     ctx = passes(PassContext(gm, fused=fused))
-    return sum(ctx.results.values())
+    return sum(v for k, v in ctx.results.items() if k != "tag_stream_recompute")

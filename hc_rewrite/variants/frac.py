@@ -28,16 +28,27 @@ class FracParams(ConnectionParams):
     def __init__(self, n, width, dynamic, dtype=None, device=None):
         super().__init__(n, width, dynamic)
         kw = {"dtype": dtype, "device": device}
-        self.y = nn.Parameter(torch.eye(n, **kw))
-        self.a = nn.Parameter(torch.eye(n, **kw))
-        self.b = nn.Parameter(torch.ones(n, **kw))
+        self.y = nn.Parameter(torch.empty(n, n, **kw))
+        self.a = nn.Parameter(torch.empty(n, n, **kw))
+        self.b = nn.Parameter(torch.empty(n, **kw))
         if dynamic:
-            self.w_y = nn.Parameter(torch.zeros(width, n, **kw))
-            self.w_a = nn.Parameter(torch.zeros(width, n, **kw))
-            self.w_b = nn.Parameter(torch.zeros(width, **kw))
+            self.w_y = nn.Parameter(torch.empty(width, n, **kw))
+            self.w_a = nn.Parameter(torch.empty(width, n, **kw))
+            self.w_b = nn.Parameter(torch.empty(width, **kw))
         else:
             for name in ("w_y", "w_a", "w_b"):
                 self.register_parameter(name, None)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator=None) -> None:
+        """The function-preserving init, in place (any device)."""
+        self.y.copy_(torch.eye(self.n))
+        self.a.copy_(torch.eye(self.n))
+        self.b.fill_(1.0)
+        for p in (self.w_y, self.w_a, self.w_b):
+            if p is not None:
+                p.zero_()
 
 
 class Frac(Variant):

@@ -25,19 +25,30 @@ class HCParams(ConnectionParams):
 
     def __init__(self, n, width, dynamic, index=0, dtype=None, device=None):
         super().__init__(n, width, dynamic)
+        self.index = index
         kw = {"dtype": dtype, "device": device}
-        a_m = torch.zeros(n, **kw)
-        a_m[index % n] = 1.0
-        self.a_m = nn.Parameter(a_m)
-        self.a_r = nn.Parameter(torch.eye(n, **kw))
-        self.b = nn.Parameter(torch.ones(n, **kw))
+        self.a_m = nn.Parameter(torch.empty(n, **kw))
+        self.a_r = nn.Parameter(torch.empty(n, n, **kw))
+        self.b = nn.Parameter(torch.empty(n, **kw))
         if dynamic:
-            self.w_m = nn.Parameter(torch.zeros(width, **kw))
-            self.w_r = nn.Parameter(torch.zeros(width, n, **kw))
-            self.w_b = nn.Parameter(torch.zeros(width, **kw))
+            self.w_m = nn.Parameter(torch.empty(width, **kw))
+            self.w_r = nn.Parameter(torch.empty(width, n, **kw))
+            self.w_b = nn.Parameter(torch.empty(width, **kw))
         else:
             for name in ("w_m", "w_r", "w_b"):
                 self.register_parameter(name, None)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator=None) -> None:
+        """The function-preserving init, in place (any device): the branch reads copy ``index % n``."""
+        self.a_m.zero_()
+        self.a_m[self.index % self.n] = 1.0
+        self.a_r.copy_(torch.eye(self.n))
+        self.b.fill_(1.0)
+        for p in (self.w_m, self.w_r, self.w_b):
+            if p is not None:
+                p.zero_()
 
 
 class HC(Variant):

@@ -57,26 +57,39 @@ class MHCParams(ConnectionParams):
         self.has_res = has_res
         kw = {"dtype": dtype, "device": device}
         k = 2 * n + (n * n if has_res else 0)
-        pre = [(1.0 + MHC_PRE_TILT * c) / n for c in pair_contrast(n)]
-        self.b_pre = nn.Parameter(torch.tensor([logit(p) for p in pre], **kw))
-        self.b_post = nn.Parameter((MHC_POST_SPREAD * torch.tensor(pair_pattern(n))).to(**kw))
+        self.b_pre = nn.Parameter(torch.empty(n, **kw))
+        self.b_post = nn.Parameter(torch.empty(n, **kw))
         if has_res:
-            off = math.log(MHC_RES_DIAGONAL * (n - 1) / (1.0 - MHC_RES_DIAGONAL))
-            self.b_res = nn.Parameter((off * torch.eye(n)).to(**kw))
+            self.b_res = nn.Parameter(torch.empty(n, n, **kw))
         else:
             self.register_parameter("b_res", None)
         if dynamic:
-            phi = torch.randn(n * width, k, generator=generator) / math.sqrt(n * width)
+            self.phi = nn.Parameter(torch.empty(n * width, k, **kw))
+            self.alpha = nn.Parameter(torch.empty(3 if has_res else 2, **kw))
+        else:
+            self.register_parameter("phi", None)
+            self.register_parameter("alpha", None)
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator=None) -> None:
+        """The function-preserving init, in place (any device; ``phi`` drawn from ``generator`` or torch's RNG)."""
+        n, width = self.n, self.width
+        pre = [(1.0 + MHC_PRE_TILT * c) / n for c in pair_contrast(n)]
+        self.b_pre.copy_(torch.tensor([logit(p) for p in pre], dtype=self.b_pre.dtype))
+        self.b_post.copy_(MHC_POST_SPREAD * torch.tensor(pair_pattern(n)))
+        if self.b_res is not None:
+            off = math.log(MHC_RES_DIAGONAL * (n - 1) / (1.0 - MHC_RES_DIAGONAL))
+            self.b_res.copy_(off * torch.eye(n))
+        if self.phi is not None:
+            phi = torch.randn(self.phi.shape, generator=generator) / math.sqrt(n * width)
             # post columns in (+v, -v) pairs (a lone middle column is zero): mean(H_post) stays 1.
             post = phi[:, n:2 * n]
             post[:, 1:2 * (n // 2):2] = -post[:, 0:2 * (n // 2):2]
             if n % 2:
                 post[:, n - 1] = 0.0
-            self.phi = nn.Parameter(phi.to(**kw))
-            self.alpha = nn.Parameter(torch.tensor(MHC_ALPHA[: 3 if has_res else 2], **kw))
-        else:
-            self.register_parameter("phi", None)
-            self.register_parameter("alpha", None)
+            self.phi.copy_(phi)
+            self.alpha.copy_(torch.tensor(MHC_ALPHA[: self.alpha.numel()], dtype=self.alpha.dtype))
 
 
 def mhc_coeffs_op(w, phi, alpha, b_pre, b_post, b_res, eps, iters, **options):

@@ -16,10 +16,11 @@ def test_the_stages_and_their_order():
                               "find_residual_sites", "infer_feature_axes", "group_residual_streams"]
     assert GRAPH_FORM.names == ["insert_hyper_connections"]
     assert MODULE_FORM.names == ["place_sites_regrouping"]
-    assert LOWERING.names == ["fuse_stream_ops", "lower_stream_ops", "decompose_stream_ops"]
+    assert LOWERING.names == ["tag_stream_recompute", "fuse_stream_ops", "lower_stream_ops", "decompose_stream_ops"]
     assert str(ANALYSIS.until("find_residual_sites")) == (
         "remove_metadata_asserts -> restore_dropout_modules -> restore_batch_norm_modules")
-    assert LOWERING.without("fuse_stream_ops").names == ["lower_stream_ops", "decompose_stream_ops"]
+    assert LOWERING.without("fuse_stream_ops").names == ["tag_stream_recompute", "lower_stream_ops",
+                                                         "decompose_stream_ops"]
 
 
 def test_pass_manager_edits_and_context_fields():
@@ -88,17 +89,18 @@ def _spies(ran):
 
 
 def test_kernel_passes_run_only_on_cuda_unless_everywhere(make_toy, toys, monkeypatch):
-    """The kernel passes run where the stream ops read CUDA tensors (or everywhere); decompose_stream_ops runs on
-    every device, unless switched off."""
+    """The kernel passes run where the stream ops read CUDA tensors (or everywhere); tag_stream_recompute and
+    decompose_stream_ops run on every device, unless switched off."""
     model, x, _ = make_toy(toys.PreNormMLP)
     gm = hc_rewrite.rewrite(model, (x,), variant="mhc", n=4, form="graph")
     ran = []
     monkeypatch.setattr(LOWERING, "passes", _spies(ran))
     code = gm.code
     assert not pipeline.runs_on_cuda(gm)  # CPU tensors (and nodes without device meta): not CUDA
-    assert pipeline.lower(gm) == 0 and ran == ["decompose_stream_ops"] and gm.code == code
+    tag = ["tag_stream_recompute"]
+    assert pipeline.lower(gm) == 0 and ran == tag + ["decompose_stream_ops"] and gm.code == code
     ran.clear()
-    pipeline.lower(gm, decompose=False)
+    pipeline.lower(gm, decompose=False, recompute=False)
     assert ran == []
     pipeline.lower(gm, everywhere=True)
     assert ran == LOWERING.names
@@ -106,23 +108,27 @@ def test_kernel_passes_run_only_on_cuda_unless_everywhere(make_toy, toys, monkey
     assert pipeline.runs_on_cuda(gm)
     ran.clear()
     pipeline.lower(gm, combos=False)
-    assert ran == ["lower_stream_ops", "decompose_stream_ops"]
+    assert ran == tag + ["lower_stream_ops", "decompose_stream_ops"]
     ran.clear()
     pipeline.lower(gm, kernels=False)
-    assert ran == ["decompose_stream_ops"]
+    assert ran == tag + ["decompose_stream_ops"]
 
 
 def test_backend_lowers_through_the_pipeline(make_toy, toys, monkeypatch):
     """The compile backend's lowering is :func:`pipeline.lower`: ``fuse="all"`` runs the kernel passes on CPU too,
-    ``fuse=True`` on CPU does not, ``fuse=False`` never; ``decompose`` switches the last pass."""
+    ``fuse=True`` on CPU does not, ``fuse=False`` never; ``decompose`` switches the last pass, ``recompute`` the
+    first."""
     model, x, _ = make_toy(toys.PreNormMLP)
     gm = hc_rewrite.rewrite(model, (x,), variant="frac", n=4, form="graph")
     ran = []
     monkeypatch.setattr(LOWERING, "passes", _spies(ran))
     kernel_passes = ["fuse_stream_ops", "lower_stream_ops"]
-    for options, runs in (({"fuse": True}, ["decompose_stream_ops"]), ({"fuse": False}, ["decompose_stream_ops"]),
-                          ({"fuse": "all"}, kernel_passes + ["decompose_stream_ops"]),
-                          ({"fuse": "all", "decompose": False}, kernel_passes)):
+    tag = ["tag_stream_recompute"]
+    for options, runs in (({"fuse": True}, tag + ["decompose_stream_ops"]),
+                          ({"fuse": False}, tag + ["decompose_stream_ops"]),
+                          ({"fuse": "all"}, tag + kernel_passes + ["decompose_stream_ops"]),
+                          ({"fuse": "all", "decompose": False}, tag + kernel_passes),
+                          ({"recompute": False}, ["decompose_stream_ops"])):
         ran.clear()
         torch._dynamo.reset()
         compiled = torch.compile(gm, backend="hc_rewrite", options={**options, "compiler": "eager"})
