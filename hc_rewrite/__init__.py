@@ -4,7 +4,7 @@
 >>> new_model = hc_rewrite.rewrite(model, (input_ids,), variant="mhc", n=4)   # doctest: +SKIP
 >>> print(new_model.hc_report)                                                 # doctest: +SKIP
 """
-from .api import report, rewrite
+from .api import check, report, rewrite
 from .structured import (Plan, compile_stream_ops, connection_keys, from_pretrained, init_connections, rebuild, strip,
                          to_graph)
 
@@ -27,4 +27,5 @@ __all__ = [
     "rewrite", "report", "RewriteReport", "HCSpec", "HCRewriteError", "SpecError", "CaptureError",
     "NoResidualStreamError", "StructureError", "ops", "reference", "__version__", "from_pretrained", "rebuild",
     "Plan", "strip", "to_graph", "export_onnx", "compile_stream_ops", "init_connections", "connection_keys",
+    "check",
 ]

@@ -106,7 +106,9 @@ def _float_leaves(out) -> list:
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def _max_rel_err(ref_out, out) -> float:
+def _max_rel_err(ref_out, out, numeric: bool = True) -> float | None:
+    """Largest relative error over the floating outputs; the count and shapes are checked first (``numeric=False``:
+    only those, for tensors without data: the meta device; returns ``None``)."""
     a, b = _float_leaves(ref_out), _float_leaves(out)
     if len(a) != len(b):
         raise StructureError(f"the rewritten model returns {len(b)} floating tensors, the original {len(a)}")
@@ -115,11 +117,61 @@ def _max_rel_err(ref_out, out) -> float:
         if x.shape != y.shape:
             raise StructureError(f"an output of the rewritten model has shape {tuple(y.shape)}, the original's "
                                  f"{tuple(x.shape)}")
+        if not numeric:
+            continue
         x, y = x.detach().double(), y.detach().double()
         scale = x.abs().max().item()
         if scale > 0:
             worst = max(worst, (x - y).abs().max().item() / scale)
-    return worst
+    return worst if numeric else None
+
+
+def _on_meta(model, args, kwargs) -> bool:
+    """Whether the model's weights or the example are on the meta device (no values: nothing to compare)."""
+    leaves = [*model.parameters(), *model.buffers(), *pytree.tree_leaves((args, kwargs))]
+    return any(isinstance(t, torch.Tensor) and t.is_meta for t in leaves)
+
+
+def _check_run(new, args, kwargs, meta: bool):
+    """The rewritten model on the example call (it finds where streams start and that every site is reached)."""
+    if not meta:
+        return new(*args, **kwargs)
+    try:
+        return new(*args, **kwargs)
+    except (RuntimeError, NotImplementedError) as e:
+        if "meta" not in str(e):
+            raise
+        raise StructureError(
+            f"{type(new).__name__}'s own forward cannot run on the meta device ({e}): the rewrite runs the model once "
+            "to place its streams. Rewrite it on a real device, or build it on the meta device with code that reads "
+            "no tensor values in forward (torchtitan's models do)") from e
+
+
+META_CHECK = ("not run: the model is on the meta device (no values); after to_empty and init, "
+              "hc_rewrite.check(new, original, example_inputs) compares them on real weights")
+
+
+def check(new, original, example_inputs, example_kwargs=None, *, tol: float | None = None) -> float:
+    """The rewritten ``new`` against ``original`` (same weights: e.g. both materialised and initialised after a
+    meta-device rewrite, ``original.load_state_dict`` of ``new``'s plain weights) on one call, in eval mode without
+    grad: returns the largest relative error of the floating outputs and raises
+    :class:`~hc_rewrite.errors.StructureError` above ``tol`` (default: the rewrite's own, 1e-5 in fp32)."""
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    kwargs = prepare_kwargs(original, example_kwargs)
+    modes = original.training, new.training
+    original.eval(), new.eval()
+    try:
+        with torch.no_grad():
+            err = _max_rel_err(original(*args, **kwargs), new(*args, **kwargs))
+    finally:
+        original.train(modes[0]), new.train(modes[1])
+    dtype = next((p.dtype for p in original.parameters()), torch.float32)
+    limit = CHECK_TOL.get(dtype, 1e-5) if tol is None else tol
+    if err > limit:
+        raise StructureError(f"the rewritten model differs from the original by {err:.2e} (relative; limit "
+                             f"{limit:.0e}): do both have the same weights, and the connections their init "
+                             "(hc_rewrite.init_connections)?")
+    return err
 
 
 def _run_module(model, example_inputs, example_kwargs, spec: HCSpec):
@@ -130,6 +182,7 @@ def _run_module(model, example_inputs, example_kwargs, spec: HCSpec):
     reference.recompile()  # the passes above leave recompiling to their last user
     with torch.no_grad():
         ref_out = reference(*args, **{k: v for k, v in kwargs.items() if k not in captured.baked})
+    meta = _on_meta(model, args, kwargs)
     starts: dict = {}  # first site name -> where its stream value is made (found by the check run)
     placed = None
     while True:
@@ -146,7 +199,7 @@ def _run_module(model, example_inputs, example_kwargs, spec: HCSpec):
         by_name = {s.name: s for st in streams for s in st.sites}
         try:
             with torch.no_grad(), TRACE, record_calls(new):
-                out = new(*args, **kwargs)
+                out = _check_run(new, args, kwargs, meta)
             found = choose_starts(plan)
             lost = [name for name in by_name if name not in TRACE.added]
             if not lost and any(starts.get(k) != v for k, v in found.items()):
@@ -165,9 +218,9 @@ def _run_module(model, example_inputs, example_kwargs, spec: HCSpec):
             by_name[name].reason = why
         streams = group_residual_streams(captured.gm, sites)
         placed = None
-    err = _max_rel_err(ref_out, out)
+    err = _max_rel_err(ref_out, out, numeric=not meta)
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
-    if err > CHECK_TOL.get(dtype, 1e-5):
+    if err is not None and err > CHECK_TOL.get(dtype, 1e-5):
         raise StructureError(
             f"the structure-preserving rewrite of {type(model).__name__} differs from the original by {err:.2e} "
             "(relative) on the example call at init: refusing to return it. form='graph' gives the flat graph form")
@@ -177,6 +230,7 @@ def _run_module(model, example_inputs, example_kwargs, spec: HCSpec):
             s.rewritten = True
     rep = _report(model, spec, captured, sites, streams, "module",
                   sum(p.numel() for p in new.hc.parameters()), init_rel_err=err)
+    rep.check = META_CHECK if meta else ""
     new.hc_report = rep
     new.train(model.training)
     return new, rep

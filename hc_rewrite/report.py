@@ -55,6 +55,7 @@ class RewriteReport:
     new_parameters: int = 0
     form: str = "module"  # "module": the user's model with hooks; "graph": one flat GraphModule
     init_rel_err: float | None = None  # module form: measured at rewrite time on the example call
+    check: str = ""  # why the numeric check did not run, if it did not (the meta device)
     shapes: str = "dynamic"  # the capture's shapes: "dynamic", or "static shapes: <why>" (specialised to the example)
 
     @property
@@ -94,6 +95,8 @@ class RewriteReport:
             f"{self.new_parameters:,} new parameters"
             + ("" if self.init_rel_err is None else f"; checked against the original: rel. error {self.init_rel_err:.1e}"),
         ]
+        if self.check:
+            lines.append(f"  check: {self.check}")
         if self.shapes != "dynamic":
             lines.append(f"  capture: {self.shapes}")
         for st in self.streams:

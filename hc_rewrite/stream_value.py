@@ -137,6 +137,8 @@ _LIVE: dict = {}
 
 
 def _key(t: torch.Tensor):
+    if t.is_meta:  # no storage: every meta tensor has data pointer 0
+        return None
     try:
         return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
     except (RuntimeError, NotImplementedError):  # fake / meta tensors have no data pointer

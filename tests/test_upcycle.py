@@ -106,3 +106,62 @@ def test_init_connections_after_to_empty_gives_the_rewrites_own_init(variant):
     assert all(torch.equal(a, b) for a, b in zip(empty.hc.parameters(), new.hc.parameters()))
     with pytest.raises(ValueError, match="not rewritten"):
         hc_rewrite.init_connections(ZOO["llama"].build())
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm = torch.nn.RMSNorm(d)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(d, 2 * d), torch.nn.GELU(), torch.nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))
+
+
+class _Stack(torch.nn.Module):
+    """A model written as torchtitan writes them: nothing in forward reads a tensor value."""
+
+    def __init__(self, d=32, layers=3):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_Block(d) for _ in range(layers))
+        self.norm = torch.nn.RMSNorm(d)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+@pytest.mark.parametrize("variant", ["mhc", "frac", "hc"])
+def test_rewrite_on_the_meta_device_then_materialise_init_and_check(variant):
+    with torch.device("meta"):
+        model = _Stack()
+    new = hc_rewrite.rewrite(model, (torch.empty(2, 8, 32, device="meta"),), variant=variant, n=4)
+    assert all(p.is_meta for p in new.parameters()) and type(new) is _Stack
+    assert new.hc_report.init_rel_err is None and "meta device" in str(new.hc_report)
+    # torchtitan's order: to_empty, then every module's own init (the connections are not reached by it) ...
+    new.to_empty(device="cpu")
+    torch.manual_seed(0)
+    for m in new.modules():
+        if hasattr(m, "reset_parameters") and not isinstance(m, hc_rewrite.variants.base.ConnectionParams):
+            m.reset_parameters()
+    hc_rewrite.init_connections(new)
+    original = _Stack()
+    original.load_state_dict({k: v for k, v in new.state_dict().items() if not k.startswith("hc.")})
+    x = torch.randn(3, 5, 32)
+    assert hc_rewrite.check(new, original, (x,)) <= TOL
+    with torch.no_grad():  # and the check is a real one: moved connections fail it
+        for p in new.hc.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    with pytest.raises(hc_rewrite.StructureError, match="differs from the original"):
+        hc_rewrite.check(new, original, (x,))
+
+
+def test_a_model_whose_forward_reads_values_on_meta_is_a_clear_error():
+    import transformers
+
+    config = ZOO["llama"].build().config
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    with pytest.raises(hc_rewrite.StructureError, match="cannot run on the meta device"):
+        hc_rewrite.rewrite(model, (torch.zeros(2, 8, dtype=torch.long, device="meta"),), variant="mhc")
