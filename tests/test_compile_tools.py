@@ -153,7 +153,7 @@ def test_checkpoint_inside_a_fullgraph_compile_is_an_error_naming_the_cause():
         model(torch.randn(2, 8, 32))
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", ["mhc", "frac"])  # HC shares mHC's widened-stream code
 def test_peft_lora_under_compile_is_one_graph_with_eager_gradients(variant):
     import peft
 
@@ -186,7 +186,7 @@ def test_peft_lora_under_compile_is_one_graph_with_eager_gradients(variant):
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", ["mhc", "frac"])
 def test_generate_of_a_compiled_model_gives_the_eager_tokens_and_scores(variant):
     model = ZOO["llama"].build().eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(5))
