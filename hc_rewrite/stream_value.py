@@ -346,6 +346,8 @@ class EntryHook:
                 if TRACE.on:
                     TRACE.starts[info.id] = (TRACE.returned.get(id(x)), TRACE.received.get(id(x), ()))
                 _mark(x, info, None if info.variant.split else w, -1)
+            if RECORD.on:
+                RECORD.calls.append((self, w))
             math = self.compiled[0] if self.compiled else site_pre
             branch_in, h_post, h_res = math(info.variant.name, info.sinkhorn_iters, w, *self.params.coeff_args())
             branch_in = _from_last(branch_in, info).to(x.dtype)
@@ -566,6 +568,24 @@ class _Trace:
 
 
 TRACE = _Trace()
+
+
+class _Record:
+    """While ``on`` (:mod:`hc_rewrite.diagnostics`): every site's entry, in call order, with the widened stream it
+    read: ``calls`` = ``[(EntryHook, W), ...]``."""
+
+    def __init__(self):
+        self.on, self.calls = False, []
+
+    def __enter__(self):
+        self.on, self.calls = True, []
+        return self
+
+    def __exit__(self, *exc):
+        self.on = False
+
+
+RECORD = _Record()
 
 
 def plain_outputs(out):
