@@ -81,3 +81,19 @@ def test_upcycle_minilm_identical_at_step_0_and_loss_decreases(tmp_path):
         assert all(math.isfinite(v) for v in r["train_losses"]), r["variant"]
         assert r["eval_loss_after"] < r["eval_loss_before"], r["variant"]
     assert "| mHC |" in out.read_text()
+
+
+def test_stability_example_logs_gains_and_writes_the_plot(tmp_path):
+    """examples/stability.py at a tiny size: every variant starts from the same function (same first loss), the
+    gains are logged for the rewritten ones (1 at step 0: the connections start as the identity mix), the plot is
+    written."""
+    stability = _load("stability")
+    results = stability.main(["--layers", "2", "--steps", "3", "--every", "1", "--d", "32", "--heads", "2",
+                              "--seq", "16", "--batch", "2", "--out", str(tmp_path / "s.json"),
+                              "--plot", str(tmp_path / "s.png")])
+    by = {r["variant"]: r for r in results}
+    assert set(by) == {"residual", "hc", "mhc"}
+    assert by["hc"]["loss"][0] == pytest.approx(by["residual"]["loss"][0], rel=1e-5)
+    assert by["mhc"]["loss"][0] == pytest.approx(by["residual"]["loss"][0], rel=1e-5)
+    assert by["mhc"]["max_composite_fwd_gain"][0] == pytest.approx(1.0, abs=1e-3)
+    assert len(by["hc"]["last_by_site"]) == 4 and (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
