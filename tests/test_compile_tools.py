@@ -13,48 +13,17 @@ import functools
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 import hc_rewrite
+from benchmarks.e2e import GPTStack
 from hc_rewrite.zoo import ZOO
 
 from .helpers import moved_copy, rel_err
 
 VARIANTS = ("mhc", "frac", "hc")
 BACKEND = "aot_eager"
-
-
-class Block(nn.Module):
-    """A pre-norm transformer block, as users and torchtitan write it."""
-
-    def __init__(self, d):
-        super().__init__()
-        self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
-        self.mlp = nn.Sequential(nn.Linear(d, 2 * d, bias=False), nn.GELU(), nn.Linear(2 * d, d, bias=False))
-
-    def attn(self, x):
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        return self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True))
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class Stack(nn.Module):
-    def __init__(self, d=32, layers=3):
-        super().__init__()
-        self.blocks = nn.ModuleList(Block(d) for _ in range(layers))
-        self.norm = nn.RMSNorm(d)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
 
 
 def _policy(ctx, op, *args, **kwargs):
@@ -68,7 +37,7 @@ SAC = functools.partial(create_selective_checkpoint_contexts, _policy)
 @functools.lru_cache(maxsize=None)
 def _rewritten(variant):
     torch.manual_seed(0)
-    model = Stack().train()
+    model = GPTStack(32, 3).train()  # a pre-norm transformer stack, 2 sites per block
     return moved_copy(hc_rewrite.rewrite(model, (torch.randn(2, 8, 32),), variant=variant, n=4), 1)
 
 
@@ -141,7 +110,7 @@ def _block_graphs(model) -> int:
 
 def test_compile_then_checkpoint_compiles_no_graph_per_layer():
     torch.manual_seed(0)
-    plain = _block_graphs(Stack().train())  # 2: the first block's input does not require grad, the others' do
+    plain = _block_graphs(GPTStack(32, 3).train())  # 2: the first block's input does not require grad, the others' do
     # mHC: one more (the last block's last site has no H_res: other parameter shapes); never one per layer
     assert _block_graphs(copy.deepcopy(_rewritten("mhc"))) <= plain + 1
 

@@ -5,40 +5,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 
 import hc_rewrite
 from hc_rewrite import diagnostics
 
+from .conftest import PreNormMLP
 from .helpers import moved_copy
 
 D = 16
 
 
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.norm = nn.LayerNorm(D)
-        self.mlp = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
-
-    def forward(self, x):
-        return x + self.mlp(self.norm(x))
-
-
-class Stack(nn.Module):
-    def __init__(self, layers=4):
-        super().__init__()
-        self.blocks = nn.ModuleList(Block() for _ in range(layers))
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-
 def _rewrite(variant, dynamic=True):
     torch.manual_seed(0)
-    return hc_rewrite.rewrite(Stack(), (torch.randn(2, 5, D),), variant=variant, n=4, dynamic=dynamic)
+    return hc_rewrite.rewrite(PreNormMLP(d=D, layers=4, d_in=D), (torch.randn(2, 5, D),), variant=variant, n=4,
+                              dynamic=dynamic)
 
 
 def test_hand_built_h_res_gives_the_known_per_site_and_composite_gains():
@@ -91,7 +71,7 @@ def test_summary_plot_and_errors(tmp_path):
     path = diagnostics.plot([(0, stats), (10, diagnostics.site_stats(new, x))], str(tmp_path / "gains.png"))
     assert (tmp_path / "gains.png").read_bytes()[:4] == b"\x89PNG" and path.endswith("gains.png")
     with pytest.raises(ValueError, match="not rewritten"):
-        diagnostics.site_stats(Stack(), x)
+        diagnostics.site_stats(PreNormMLP(d=D, d_in=D), x)
 
 
 def test_trainer_callback_adds_the_summary_to_the_logs_and_keeps_history():

@@ -12,6 +12,7 @@ import torch
 import hc_rewrite
 from hc_rewrite.zoo import ZOO
 
+from .conftest import PreNormMLP
 from .helpers import moved_copy, rel_err
 
 TOL = 1e-5
@@ -108,36 +109,12 @@ def test_init_connections_after_to_empty_gives_the_rewrites_own_init(variant):
         hc_rewrite.init_connections(ZOO["llama"].build())
 
 
-class _Block(torch.nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.norm = torch.nn.RMSNorm(d)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(d, 2 * d), torch.nn.GELU(), torch.nn.Linear(2 * d, d))
-
-    def forward(self, x):
-        return x + self.mlp(self.norm(x))
-
-
-class _Stack(torch.nn.Module):
-    """A model written as torchtitan writes them: nothing in forward reads a tensor value."""
-
-    def __init__(self, d=32, layers=3):
-        super().__init__()
-        self.blocks = torch.nn.ModuleList(_Block(d) for _ in range(layers))
-        self.norm = torch.nn.RMSNorm(d)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
-
-
 @pytest.mark.parametrize("variant", ["mhc", "frac", "hc"])
 def test_rewrite_on_the_meta_device_then_materialise_init_and_check(variant):
     with torch.device("meta"):
-        model = _Stack()
-    new = hc_rewrite.rewrite(model, (torch.empty(2, 8, 32, device="meta"),), variant=variant, n=4)
-    assert all(p.is_meta for p in new.parameters()) and type(new) is _Stack
+        model = PreNormMLP()  # written as torchtitan writes models: nothing in forward reads a tensor value
+    new = hc_rewrite.rewrite(model, (torch.empty(2, 8, 16, device="meta"),), variant=variant, n=4)
+    assert all(p.is_meta for p in new.parameters()) and type(new) is PreNormMLP
     assert new.hc_report.init_rel_err is None and "meta device" in str(new.hc_report)
     # torchtitan's order: to_empty, then every module's own init (the connections are not reached by it) ...
     new.to_empty(device="cpu")
@@ -146,9 +123,9 @@ def test_rewrite_on_the_meta_device_then_materialise_init_and_check(variant):
         if hasattr(m, "reset_parameters") and not isinstance(m, hc_rewrite.variants.base.ConnectionParams):
             m.reset_parameters()
     hc_rewrite.init_connections(new)
-    original = _Stack()
+    original = PreNormMLP()
     original.load_state_dict({k: v for k, v in new.state_dict().items() if not k.startswith("hc.")})
-    x = torch.randn(3, 5, 32)
+    x = torch.randn(3, 5, 16)
     assert hc_rewrite.check(new, original, (x,)) <= TOL
     with torch.no_grad():  # and the check is a real one: moved connections fail it
         for p in new.hc.parameters():

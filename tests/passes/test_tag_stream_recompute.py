@@ -7,10 +7,10 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy
 
 import hc_rewrite
+from benchmarks.e2e import GPTStack
 from hc_rewrite.inductor_pass import PASS
 from hc_rewrite.passes.lower_stream_ops import stream_op_nodes
 from hc_rewrite.passes.tag_stream_recompute import GROUP_BASE, tag_stream_recompute
@@ -20,33 +20,9 @@ from ..helpers import moved_copy, rel_err
 D, N = 32, 4
 
 
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.norm1, self.norm2 = nn.RMSNorm(D), nn.RMSNorm(D)
-        self.f = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
-        self.g = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
-
-    def forward(self, x):
-        x = x + self.f(self.norm1(x))
-        return x + self.g(self.norm2(x))
-
-
-class Stack(nn.Module):
-    def __init__(self, layers=3):
-        super().__init__()
-        self.blocks = nn.ModuleList(Block() for _ in range(layers))
-        self.norm = nn.RMSNorm(D)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
-
-
 def _rewritten(variant, form="module"):
     torch.manual_seed(0)
-    new = hc_rewrite.rewrite(Stack(), (torch.randn(2, 8, D),), variant=variant, n=N, form=form)
+    new = hc_rewrite.rewrite(GPTStack(D, 3), (torch.randn(2, 8, D),), variant=variant, n=N, form=form)
     return moved_copy(new, 1)
 
 
