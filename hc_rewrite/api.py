@@ -126,6 +126,11 @@ def _max_rel_err(ref_out, out, numeric: bool = True) -> float | None:
     return worst if numeric else None
 
 
+def _check_tol(model) -> float:
+    """The largest relative error the rewrite accepts at init, for the model's parameter dtype."""
+    return CHECK_TOL.get(next((p.dtype for p in model.parameters()), torch.float32), 1e-5)
+
+
 def _on_meta(model, args, kwargs) -> bool:
     """Whether the model's weights or the example are on the meta device (no values: nothing to compare)."""
     leaves = [*model.parameters(), *model.buffers(), *pytree.tree_leaves((args, kwargs))]
@@ -155,7 +160,8 @@ def check(new, original, example_inputs, example_kwargs=None, *, tol: float | No
     """The rewritten ``new`` against ``original`` (same weights: e.g. both materialised and initialised after a
     meta-device rewrite, ``original.load_state_dict`` of ``new``'s plain weights) on one call, in eval mode without
     grad: returns the largest relative error of the floating outputs and raises
-    :class:`~hc_rewrite.errors.StructureError` above ``tol`` (default: the rewrite's own, 1e-5 in fp32)."""
+    :class:`~hc_rewrite.errors.StructureError` above ``tol`` (default: the rewrite's own, :data:`CHECK_TOL` for the
+    parameter dtype)."""
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = prepare_kwargs(original, example_kwargs)
     modes = original.training, new.training
@@ -165,8 +171,7 @@ def check(new, original, example_inputs, example_kwargs=None, *, tol: float | No
             err = _max_rel_err(original(*args, **kwargs), new(*args, **kwargs))
     finally:
         original.train(modes[0]), new.train(modes[1])
-    dtype = next((p.dtype for p in original.parameters()), torch.float32)
-    limit = CHECK_TOL.get(dtype, 1e-5) if tol is None else tol
+    limit = _check_tol(original) if tol is None else tol
     if err > limit:
         raise StructureError(f"the rewritten model differs from the original by {err:.2e} (relative; limit "
                              f"{limit:.0e}): do both have the same weights, and the connections their init "
@@ -219,8 +224,7 @@ def _run_module(model, example_inputs, example_kwargs, spec: HCSpec):
         streams = group_residual_streams(captured.gm, sites)
         placed = None
     err = _max_rel_err(ref_out, out, numeric=not meta)
-    dtype = next((p.dtype for p in model.parameters()), torch.float32)
-    if err is not None and err > CHECK_TOL.get(dtype, 1e-5):
+    if err is not None and err > _check_tol(model):
         raise StructureError(
             f"the structure-preserving rewrite of {type(model).__name__} differs from the original by {err:.2e} "
             "(relative) on the example call at init: refusing to return it. form='graph' gives the flat graph form")

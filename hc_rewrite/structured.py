@@ -339,7 +339,7 @@ class UpcycleHook:
     the trained connections kept)."""
 
     def __call__(self, module, incompatible_keys) -> None:
-        ours = [f"hc.{k}" for k in module.hc.state_dict()]
+        ours = connection_keys(module)
         missing = [k for k in incompatible_keys.missing_keys if any(k == o or k.endswith("." + o) for o in ours)]
         if ours and len(missing) == len(ours) == len(incompatible_keys.missing_keys):
             for k in missing:
