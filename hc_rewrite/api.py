@@ -7,7 +7,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .capture import capture, prepare_kwargs
-from .errors import NoResidualStreamError, NotAModuleError, StructureError
+from .errors import NoResidualStreamError, NotAModuleError, SpecError, StructureError
 from .passes import group_residual_streams
 from .passes.pipeline import GRAPH_FORM, MODULE_FORM, PassContext, analyse
 from .report import RewriteReport, SiteReport, StreamReport
@@ -43,12 +43,12 @@ def _check_model(model) -> None:
         raise ValueError(f"this model was already rewritten by hc_rewrite {what}; rewrite the original model instead")
 
 
-def _analyse(model, example_inputs, example_kwargs, spec: HCSpec):
+def _analyse(model, example_inputs, example_kwargs, spec: HCSpec, replayable: bool = True):
     """Capture and detect (:data:`~hc_rewrite.passes.pipeline.ANALYSIS`): ``(captured, sites, streams)``. The
-    caller's model is untouched."""
+    caller's model is untouched. ``replayable=False``: a capture that only locates the sites will do."""
     _check_model(model)
     _precheck_width(model, spec)
-    captured = capture(model, example_inputs, example_kwargs)
+    captured = capture(model, example_inputs, example_kwargs, replayable=replayable)
     ctx = analyse(captured.gm, spec)
     sites, streams = ctx.sites, ctx.streams
     for stream in streams:
@@ -72,6 +72,9 @@ def _no_stream(model, rep):
 
 # ----------------------------------------------------------------------------- graph form
 def _run_graph(model, example_inputs, example_kwargs, spec: HCSpec):
+    if spec.loop_params != "per-call":
+        raise SpecError(f"loop_params={spec.loop_params!r} is an option of the structure-preserving form; the graph "
+                        "form gives every call of a block its own connection parameters")
     captured, sites, streams = _analyse(model, example_inputs, example_kwargs, spec)
     gm = captured.gm
     if streams:
@@ -180,13 +183,15 @@ def check(new, original, example_inputs, example_kwargs=None, *, tol: float | No
 
 
 def _run_module(model, example_inputs, example_kwargs, spec: HCSpec):
-    captured, sites, streams = _analyse(model, example_inputs, example_kwargs, spec)
+    captured, sites, streams = _analyse(model, example_inputs, example_kwargs, spec, replayable=False)
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = prepare_kwargs(model, example_kwargs)
-    reference = captured.gm.eval()
-    reference.recompile()  # the passes above leave recompiling to their last user
+    reference = captured.gm.eval() if captured.replayable else copy.deepcopy(model).eval()
+    if captured.replayable:
+        reference.recompile()  # the passes above leave recompiling to their last user
     with torch.no_grad():
-        ref_out = reference(*args, **{k: v for k, v in kwargs.items() if k not in captured.baked})
+        ref_out = reference(*args, **{k: v for k, v in kwargs.items() if k not in captured.baked}) \
+            if captured.replayable else reference(*args, **kwargs)
     meta = _on_meta(model, args, kwargs)
     starts: dict = {}  # first site name -> where its stream value is made (found by the check run)
     placed = None
@@ -199,7 +204,7 @@ def _run_module(model, example_inputs, example_kwargs, spec: HCSpec):
             raise _no_stream(model, rep)
         plan = build_plan(spec, streams, placements)
         for ps in plan.streams:
-            ps.start = starts.get(ps.first.name) if ps.first else None
+            ps.start = starts.get(ps.first.name, ps.start) if ps.first else None
         new = attach(copy.deepcopy(model).eval(), plan)
         by_name = {s.name: s for st in streams for s in st.sites}
         try:
@@ -232,6 +237,8 @@ def _run_module(model, example_inputs, example_kwargs, spec: HCSpec):
         st.ends = st.readers()
         for s in st.sites:
             s.rewritten = True
+    for p in placements:
+        p.site.placed = p.describe()
     rep = _report(model, spec, captured, sites, streams, "module",
                   sum(p.numel() for p in new.hc.parameters()), init_rel_err=err)
     rep.check = META_CHECK if meta else ""

@@ -37,6 +37,9 @@ class Captured:
     binder: "InputBinder | None" = None
     shapes: str = "dynamic"  # or "static shapes: <why>" when the graph is specialised to the example's shapes
     baked: dict = field(default_factory=dict)  # keyword constants bound into the graph (not among its inputs)
+    # False: a graph that only says where the sites are (a trace of one eager call, data-dependent values of the
+    # example burnt in): the structure-preserving form can use it, the graph form cannot replay it
+    replayable: bool = True
 
 
 class InputBinder:
@@ -238,12 +241,40 @@ def _symbolic_trace(model, args, kwargs, notes: list, sink) -> fx.GraphModule:
     return gm
 
 
-def capture(model: torch.nn.Module, args, kwargs=None) -> Captured:
+TRACE_CALL = "a trace of one eager call (make_fx, real tensors)"
+
+
+class _Scope(torch.nn.Module):
+    """What ``make_fx`` records module paths under (its module-stack tracer reads ``_orig_mod``)."""
+
+    def __init__(self, model, kwargs):
+        super().__init__()
+        self._orig_mod, self._kwargs = model, kwargs
+
+    def forward(self, *args):
+        return self._orig_mod(*args, **self._kwargs)
+
+
+def _trace_call(model, args, kwargs, notes: list, sink) -> fx.GraphModule:
+    """One eager call of the model recorded op by op (``make_fx`` on real tensors, with module paths): the
+    values the model reads in Python (``.item()``, ``nonzero``) are the example's, so the graph is only good for
+    finding the residual sites, which is all the structure-preserving form needs from it."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with _quiet(sink):
+        gm = make_fx(_Scope(model, kwargs), tracing_mode="real", record_module_stack=True, pre_dispatch=True,
+                     _error_on_data_dependent_ops=False)(*args)
+    return gm
+
+
+def capture(model: torch.nn.Module, args, kwargs=None, *, replayable: bool = True) -> Captured:
     """Capture ``model(*args, **kwargs)`` as an FX graph (see module docstring).
 
     A capture that ends up with static shapes (the dynamic-shape export failed, or only ``symbolic_trace``
     worked) says so in ``Captured.shapes`` and with a :class:`StaticShapesWarning`. Raises :class:`CaptureError`
     naming every capture path tried and why each failed, with an excerpt of what torch printed.
+    ``replayable=False``: a graph that only has to show where the sites are will do (the structure-preserving
+    form): a trace of one eager call is tried last.
     """
     if not isinstance(model, torch.nn.Module):
         raise NotAModuleError(f"expected an nn.Module, got {type(model).__name__}: nothing was captured")
@@ -255,7 +286,10 @@ def capture(model: torch.nn.Module, args, kwargs=None) -> Captured:
     signature = _forward_signature(model)
     kwargs, baked = _bake_catch_all_constants(model, kwargs)
     tried, sink = [], tempfile.TemporaryFile("w+")
-    for name, fn in (("torch.export (non-strict)", _export), ("torch.fx.symbolic_trace", _symbolic_trace)):
+    paths = [("torch.export (non-strict)", _export), ("torch.fx.symbolic_trace", _symbolic_trace)]
+    if not replayable:
+        paths.append((TRACE_CALL, _trace_call))
+    for name, fn in paths:
         notes: list = []
         try:
             with torch.no_grad():
@@ -267,6 +301,9 @@ def capture(model: torch.nn.Module, args, kwargs=None) -> Captured:
         if name.startswith("torch.export"):
             binder = InputBinder(signature, args, dict(kwargs, **baked), baked=baked)
         gm.train(training)
+        if fn is _trace_call:
+            return Captured(gm=gm, method=name, shapes=f"example's shapes and values, used only to find the sites "
+                            f"({'; '.join(tried)})", baked=baked, replayable=False)
         shapes = notes[0] if notes else "dynamic"
         if tried:
             shapes = f"{shapes} ({'; '.join(tried)})" if notes else shapes

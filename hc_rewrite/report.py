@@ -21,6 +21,7 @@ class SiteReport:
     reason: str = ""  # why it was refused (empty when rewritten)
     stream: int | None = None
     index: int | None = None
+    placed: str = ""  # structure-preserving form: how the site was placed on the module tree
 
     @classmethod
     def of(cls, site) -> "SiteReport":

@@ -29,6 +29,7 @@ class Site:
     merged: list = field(default_factory=list)
     rewritten: bool = False
     reason: str = ""
+    placed: str = ""  # structure-preserving form: where the connection is injected (Placement.describe)
     stream: int | None = None
     index: int | None = None  # position of the site in its stream
 

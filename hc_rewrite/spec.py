@@ -7,6 +7,9 @@ from . import variants
 from .errors import SpecError
 
 
+LOOP_PARAMS = ("per-call", "per-module")
+
+
 @dataclass(frozen=True)
 class HCSpec:
     """What to rewrite residual streams into.
@@ -21,6 +24,7 @@ class HCSpec:
     dynamic: bool = True
     sinkhorn_iters: int = 20
     seed: int = 0
+    loop_params: str = "per-call"
 
     def __post_init__(self):
         kind = variants.get(self.variant)
@@ -29,6 +33,8 @@ class HCSpec:
         if self.n < 1:
             raise SpecError(f"n must be >= 1, got n={self.n}")
         kind.check_n(self.n)
+        if self.loop_params not in LOOP_PARAMS:
+            raise SpecError(f"loop_params must be one of {', '.join(LOOP_PARAMS)}, got {self.loop_params!r}")
         if self.sinkhorn_iters < 1:
             raise SpecError(f"sinkhorn_iters must be >= 1, got {self.sinkhorn_iters}")
 
@@ -39,7 +45,7 @@ class HCSpec:
 
 def make_spec(variant="mhc", n=4, dynamic=True, **options) -> HCSpec:
     """Build and validate an :class:`HCSpec`; unknown options are an error, not silently ignored."""
-    known = {"sinkhorn_iters", "seed"}
+    known = {"sinkhorn_iters", "seed", "loop_params"}
     unknown = set(options) - known
     if unknown:
         raise SpecError(f"unknown option(s) {sorted(unknown)}; known options: {sorted(known)}")

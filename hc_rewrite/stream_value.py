@@ -54,6 +54,16 @@ class StreamInfo:
     sinkhorn_iters: int
     owner: object = None  # one token per rewritten model: stream values of other models are not ours
     rank: int = 0  # rank of the stream tensor (0: unknown)
+    # stream position -> the entry hook of the functional site that reads the stream value at that position
+    # (its branch reads the stream in the add's own code: the ops are recorded as Derived values)
+    functional: dict = None
+    # positions are kept under compile too (looped entries and functional sites choose by position; the stream's
+    # blocks then compile one graph per position)
+    indexed: bool = False
+
+    def __post_init__(self):
+        if self.functional is None:
+            self.functional = {}
 
 
 @dataclass
@@ -77,6 +87,10 @@ class StreamValue(torch.Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         handler = _HANDLERS.get(func)
+        arm = _arm_of(args, kwargs)
+        if arm is not None and (handler is None or (handler is not _add
+                                                    and getattr(func, "__name__", "") in arm.hook.spellings)):
+            return _derive(arm, func, args, kwargs)
         if handler is not None:
             out = handler(func, args, kwargs)
             if out is not NotImplemented:
@@ -113,10 +127,10 @@ def _alias(t: torch.Tensor) -> torch.Tensor:
 
 def _plain_arg(a):
     """A plain alias of a stream value; one level of lists and tuples (``torch.cat([x, y])``) looked into."""
-    if isinstance(a, StreamValue):
+    if isinstance(a, (StreamValue, Derived)):
         return _alias(a)
-    if isinstance(a, (list, tuple)) and any(isinstance(v, StreamValue) for v in a):
-        return type(a)(_alias(v) if isinstance(v, StreamValue) else v for v in a)
+    if isinstance(a, (list, tuple)) and any(isinstance(v, (StreamValue, Derived)) for v in a):
+        return type(a)(_alias(v) if isinstance(v, (StreamValue, Derived)) else v for v in a)
     return a
 
 
@@ -128,6 +142,99 @@ def _fits_stream(v, info: "StreamInfo") -> bool:
 
 def _bound(x) -> bool:
     return isinstance(x, StreamValue) and getattr(x, "_hc_info", None) is not None
+
+
+# ----------------------------------------------------------------------------- functional entries
+class _Arm:
+    """A stream value ``src`` at the position a functional site reads it: the ops on it until the site's add are
+    recorded (:class:`Derived`) so that the branch can be replayed on ``pre(W)``."""
+
+    def __init__(self, hook: "EntryHook", src: "StreamValue"):
+        self.hook, self.src, self.done = hook, src, False
+
+
+class Derived(torch.Tensor):
+    """A value the user's code computed from a stream value whose next site reads it in the add's own code
+    (``torch.tanh(h)`` in ``h + self.f(torch.tanh(h))``): the plain result, and how it was computed
+    (``_hc_rec``: ``((func, args, kwargs), output index)``), so that the site's entry hook (or the add, for a branch
+    without a submodule) can replay the ops on ``pre(W)`` in place of the stream (:func:`_replay`). Ops on it stay
+    recorded until the site's add; after that it is a plain tensor to every op."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _HANDLERS and func is not _checkpoint and _handler_is_add(func) and \
+                any(_bound(a) for a in args[:2]):
+            return NotImplemented  # the site's add: StreamValue.__torch_function__ replays this value there
+        arm = None
+        for a in pytree.tree_leaves((args, kwargs)):
+            if isinstance(a, Derived) and not a._hc_arm.done:
+                arm = a._hc_arm
+                break
+        if arm is None:
+            return _call_plain(func, args, kwargs)
+        return _derive(arm, func, args, kwargs)
+
+
+def _handler_is_add(func) -> bool:
+    return _HANDLERS.get(func) is _add
+
+
+def _arm_of(args, kwargs):
+    """The live arm of a stream value among ``args`` whose position is read by a functional site (else None)."""
+    for a in (*args, *kwargs.values()):
+        if not (_bound(a) and a._hc_info.functional):
+            continue
+        hook = a._hc_info.functional.get(a._hc_index)
+        if hook is None:
+            continue
+        pending = a._hc_pending
+        if pending is not None and pending.hook is not hook:
+            continue
+        arm = getattr(a, "_hc_arm", None)
+        if arm is None:
+            arm = _Arm(hook, a)
+            a._hc_arm = arm
+        if not arm.done:
+            return arm
+    return None
+
+
+def _derive(arm: _Arm, func, args, kwargs):
+    """``func`` on plain values, its tensor results recorded as :class:`Derived` values of ``arm``."""
+    out = _call_plain(func, args, kwargs)
+    rec = (func, args, kwargs)
+    if isinstance(out, torch.Tensor):
+        return _as_derived(out, arm, rec, None)
+    if isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
+        return type(out)(_as_derived(o, arm, rec, i) for i, o in enumerate(out))
+    return out
+
+
+def _as_derived(t: torch.Tensor, arm: _Arm, rec, index) -> "Derived":
+    with _plain():
+        d = t.as_subclass(Derived)
+    d._hc_arm, d._hc_rec = arm, (rec, index)
+    return d
+
+
+def _replay(value, arm: _Arm, z: torch.Tensor, memo: list):
+    """``value`` recomputed with the stream value of ``arm`` replaced by ``z`` (the site's ``pre(W)``): the recorded
+    ops of every :class:`Derived` value of ``arm`` it depends on run again; anything else is kept."""
+    if value is arm.src:
+        return z
+    if not (isinstance(value, Derived) and value._hc_arm is arm):
+        return value
+    for k, v in memo:
+        if k is value:
+            return v
+    (func, args, kwargs), index = value._hc_rec
+    args, kwargs = pytree.tree_map(lambda a: _replay(a, arm, z, memo), (args, kwargs))
+    out = _call_plain(func, args, kwargs)
+    if index is not None:
+        out = out[index]
+    memo.append((value, out))
+    return out
 
 
 # Live stream values by storage: wrappers that hand a layer an alias of its input (FSDP2's pre-forward
@@ -170,7 +277,7 @@ def _aliased(t: torch.Tensor, info: StreamInfo):
 def _wrap(narrow: torch.Tensor, info: StreamInfo, w, index: int) -> StreamValue:
     with _plain():
         out = narrow.as_subclass(StreamValue)
-    out._hc_info, out._hc_w, out._hc_index, out._hc_pending = info, w, index, None
+    out._hc_info, out._hc_w, out._hc_index, out._hc_pending, out._hc_arm = info, w, index, None, None
     _remember(out)
     return out
 
@@ -179,7 +286,7 @@ def _mark(x: torch.Tensor, info: StreamInfo, w, index: int) -> StreamValue:
     """Turn the object ``x`` itself into a stream value (the user's code holds it: an alias would not do)."""
     if not isinstance(x, StreamValue):
         x.__class__ = StreamValue
-    x._hc_info, x._hc_w, x._hc_index, x._hc_pending = info, w, index, None
+    x._hc_info, x._hc_w, x._hc_index, x._hc_pending, x._hc_arm = info, w, index, None, None
     _remember(x)
     return x
 
@@ -278,14 +385,27 @@ class StartHook:
 
 # ----------------------------------------------------------------------------- entry (pre)
 class EntryHook:
-    """Forward pre-hook of a site's branch entry module: the branch reads ``pre(W)`` instead of the stream."""
+    """Forward pre-hook of a site's branch entry module: the branch reads ``pre(W)`` instead of the stream.
 
-    def __init__(self, info: StreamInfo, index: int, name: str, params: torch.nn.Module, extra: int):
+    ``functional``: the names of the ops by which the branch reads the stream in the add's own code before this
+    module (a functional entry): the module is then given those ops replayed on ``pre(W)`` (:class:`Derived`);
+    with no entry module at all, the add opens the site (:meth:`open`)."""
+
+    def __init__(self, info: StreamInfo, index: int, name: str, params: torch.nn.Module, extra: int,
+                 functional=()):
         self.info, self.index, self.name, self.params, self.extra = info, index, name, params, extra
+        self.functional = tuple(functional)
+        # the Python names of those ops (torch.layer_norm, Tensor.__mul__, Tensor.mul_): an op of these names that
+        # would otherwise be a stream-wise link (F.layer_norm) is the branch reading the stream here
+        self.spellings = frozenset(s for f in self.functional for s in (f, f"__{f}__", f"__i{f}__", f"{f}_"))
         self.compiled = None  # (site_pre, site_post) compiled by compile_stream_ops, or None: eager
 
     def _describe(self) -> str:
         return f"site {self.name} (stream {self.info.id}, position {self.index})"
+
+    def _derived(self, leaves) -> list:
+        return [i for i, v in enumerate(leaves) if isinstance(v, Derived) and v._hc_arm.hook is self
+                and not v._hc_arm.done]
 
     def _find(self, leaves):
         ours = [i for i, v in enumerate(leaves) if _bound(v) and v._hc_info is self.info]
@@ -296,7 +416,7 @@ class EntryHook:
             if sv is not None:  # an alias made by a wrapper: it carries the same stream
                 _mark(v, sv._hc_info, sv._hc_w, sv._hc_index)
                 return i
-        if self.index != 0:
+        if self.index != 0 or self.functional:
             raise StreamError(
                 f"{self._describe()}: its input is not the residual stream it was rewritten for. The stream was "
                 f"lost on the way from the previous site (last op that dropped it: {_LAST_DROP[0]}). Causes: "
@@ -320,12 +440,26 @@ class EntryHook:
 
     def __call__(self, module, args, kwargs):
         leaves, spec = pytree.tree_flatten((args, kwargs))
-        i = self._find(leaves)
-        x = leaves[i]
+        derived = self._derived(leaves) if self.functional else []
+        if derived:
+            x = leaves[derived[0]]._hc_arm.src
+            direct = [i for i, v in enumerate(leaves) if v is x]
+        else:
+            direct = [self._find(leaves)]
+            x = leaves[direct[0]]
         pending = getattr(x, "_hc_pending", None) if isinstance(x, StreamValue) else None
-        if pending is not None and pending.hook is self:  # a second entry module of the same site
+        if pending is None or pending.hook is not self:  # else a further entry module of the same site
+            pending = self.open(x, module.training)
+        for i in direct:
             leaves[i] = pending.branch_in
-            return pytree.tree_unflatten(leaves, spec)
+        memo: list = []
+        for i in derived:
+            leaves[i] = _replay(leaves[i], leaves[i]._hc_arm, pending.branch_in, memo)
+        return pytree.tree_unflatten(leaves, spec)
+
+    def open(self, x: torch.Tensor, training: bool = True) -> "_Pending":
+        """Compute the site's coefficients and branch input from the stream value ``x`` (a plain tensor at the
+        stream's start is made the stream value) and leave them on ``x`` for the add."""
         same_stream = _bound(x) and x._hc_info is self.info
         # the order check runs eagerly only: under compile a site's position would be a constant every block's
         # graph specialises on (one graph per block instead of one for all); the rewrite's check run and any eager
@@ -333,7 +467,7 @@ class EntryHook:
         if same_stream and not torch.compiler.is_compiling() and x._hc_index >= self.index:
             raise StreamError(f"{self._describe()}: reached a stream value that already passed position "
                               f"{x._hc_index} of its stream; the model's control flow differs from the captured one")
-        if torch.is_grad_enabled() is False and x.requires_grad and module.training:
+        if torch.is_grad_enabled() is False and x.requires_grad and training:
             raise StreamError(f"{self._describe()}: run under no_grad with an input that requires grad inside "
                               "training: reentrant activation checkpointing cannot carry the widened stream; "
                               "use use_reentrant=False")
@@ -351,11 +485,54 @@ class EntryHook:
             math = self.compiled[0] if self.compiled else site_pre
             branch_in, h_post, h_res = math(info.variant.name, info.sinkhorn_iters, w, *self.params.coeff_args())
             branch_in = _from_last(branch_in, info).to(x.dtype)
-        x._hc_pending = _Pending(self, w, h_post, h_res, branch_in, self.extra)
+        pending = _Pending(self, w, h_post, h_res, branch_in, self.extra)
+        x._hc_pending = pending
         if TRACE.on:
             TRACE.fired.append(self.name)
-        leaves[i] = branch_in
-        return pytree.tree_unflatten(leaves, spec)
+        return pending
+
+
+class LoopEntryHook:
+    """Forward pre-hook of a module that is the branch entry of several sites, one per call (ALBERT's shared layer,
+    a block run ``k`` times per forward): it hands each call to the site whose stream position follows the
+    position of the stream value it is given (``after``: position -> :class:`EntryHook`). A call at a position no
+    site follows is left alone when the module also ran outside any site at capture (``passes``), and is a
+    :class:`StreamError` otherwise (the block runs more often than it did at capture)."""
+
+    def __init__(self, path: str, after: dict, passes: bool):
+        self.path, self.after, self.passes = path, after, passes
+        self.hooks = list(dict.fromkeys(after.values()))
+
+    def _stream_value(self, leaves):
+        infos = [h.info for h in self.hooks]
+        for v in leaves:
+            if isinstance(v, Derived) and not v._hc_arm.done and v._hc_arm.hook in self.hooks:
+                return v._hc_arm.src
+            if _bound(v) and any(v._hc_info is i for i in infos):
+                return v
+        return None
+
+    def __call__(self, module, args, kwargs):
+        leaves, _spec = pytree.tree_flatten((args, kwargs))
+        x = self._stream_value(leaves)
+        pending = getattr(x, "_hc_pending", None) if x is not None else None
+        if pending is not None and pending.hook in self.hooks:
+            return pending.hook(module, args, kwargs)
+        if x is not None:
+            where = (x._hc_info.id, x._hc_index)
+            hook = self.after.get(where)
+        else:  # the stream is not started yet: the first site of a stream marks it
+            firsts = [h for (_sid, pos), h in self.after.items() if pos == -1]
+            hook, where = (firsts[0] if len(firsts) == 1 else None), "its start"
+        if hook is None:
+            if self.passes:
+                return None
+            raise StreamError(
+                f"'{self.path}' runs the branch of {len(self.hooks)} sites, one per call, and was called with the "
+                f"stream at position {where}, which none of them follows: the module runs more often (or in "
+                "another order) than it did when the model was rewritten. Rewrite it with the largest number of "
+                "calls it makes (fewer calls work)")
+        return hook(module, args, kwargs)
 
 
 # ----------------------------------------------------------------------------- the site math
@@ -380,8 +557,12 @@ def _post(pending: _Pending, y: torch.Tensor, x: StreamValue, first: bool) -> St
         math = pending.hook.compiled[1] if pending.hook.compiled else site_post
         w_new, end = math(info.variant.name, pending.w, yl, pending.h_post, h_res)
         narrow = _from_last(end, info).to(torch.promote_types(x.dtype, y.dtype))
-    # the position is recorded eagerly only (for the order check): compiled, every block shares one graph
-    index = -1 if torch.compiler.is_compiling() else pending.hook.index
+    # the position is recorded eagerly only (for the order check): compiled, every block shares one graph; a stream
+    # with looped or functional sites needs it (they choose by position)
+    index = -1 if torch.compiler.is_compiling() and not info.indexed else pending.hook.index
+    arm = getattr(x, "_hc_arm", None)
+    if arm is not None and arm.hook is pending.hook:
+        arm.done = True
     out = _wrap(narrow, info, None if info.variant.split else w_new, index)
     if pending.extra > 0:
         out._hc_pending = _Pending(pending.hook, w_new, pending.h_post, None, pending.branch_in, pending.extra - 1,
@@ -398,8 +579,13 @@ def _add(func, args, kwargs):
     alpha = kwargs.get("alpha", 1)
     for x, y, x_first in ((a, b, True), (b, a, False)):
         pending = getattr(x, "_hc_pending", None) if isinstance(x, StreamValue) else None
+        arm = y._hc_arm if isinstance(y, Derived) and not y._hc_arm.done and y._hc_arm.src is x else None
+        if pending is None and arm is not None:  # a functional branch without a submodule: the add opens the site
+            pending = arm.hook.open(x)
         if pending is None or not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(x.shape):
             continue
+        if arm is not None and arm.hook is pending.hook:
+            y = _replay(y, arm, pending.branch_in, [])
         if alpha != 1 and not x_first:
             return NotImplemented  # branch + alpha * skip: not a residual add (refused at analysis)
         if alpha != 1:

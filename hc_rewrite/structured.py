@@ -22,7 +22,7 @@ from torch import nn
 from . import variants
 from .graph_utils import val
 from .spec import HCSpec
-from .stream_value import EntryHook, StartHook, StreamInfo, aliased_inputs, plain_outputs
+from .stream_value import EntryHook, LoopEntryHook, StartHook, StreamInfo, aliased_inputs, plain_outputs
 
 PLAN_VERSION = 1
 #: Attribute set on every parameter of a model :func:`attach` made: the compile backend recognises the graphs
@@ -188,6 +188,11 @@ class PlannedSite:
     owner: str
     extra: int = 0  # further branches summed after the first add (parallel blocks (x + a) + b)
     last: bool = False
+    after: int = -1  # stream position of the value the site reads (the previous site's index; -1: the start)
+    calls: int = 1  # how often its entry module runs per forward (> 1: a looped / shared block)
+    functional: list = field(default_factory=list)  # ops of the add's own code that read the stream (see EntryHook)
+    params: str = ""  # name of its connection parameters under model.hc ("": its own, s<stream>_<index>)
+    placed: str = ""  # how it was placed (the report's words)
 
 
 @dataclass
@@ -218,11 +223,12 @@ class Plan:
     seed: int
     streams: list = field(default_factory=list)
     version: int = PLAN_VERSION
+    loop_params: str = "per-call"
 
     @property
     def spec(self) -> HCSpec:
         return HCSpec(variant=self.variant, n=self.n, dynamic=self.dynamic,
-                      sinkhorn_iters=self.sinkhorn_iters, seed=self.seed)
+                      sinkhorn_iters=self.sinkhorn_iters, seed=self.seed, loop_params=self.loop_params)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -245,15 +251,32 @@ class Plan:
 
 def build_plan(spec: HCSpec, streams, placements) -> Plan:
     """The plan of the placed sites of ``streams`` (sites without a placement are left out)."""
+    from .passes.place_sites_on_modules import module_stack
+
     where = {p.site: p for p in placements}
-    plan = Plan(spec.variant, spec.n, spec.dynamic, spec.sinkhorn_iters, spec.seed)
+    plan = Plan(spec.variant, spec.n, spec.dynamic, spec.sinkhorn_iters, spec.seed, loop_params=spec.loop_params)
     for stream in streams:
         ps = PlannedStream(id=stream.id, width=stream.width, feature_dim=stream.feature_dim,
                            rank=len(val(stream.root).shape))
+        after = {nxt: site.index for site in stream.sites for _path, nxt in stream.successors.get(site, [])}
+        shared: dict = {}  # entry path -> params name of its first site (loop_params="per-module")
         for site in stream.sites:
             p = where[site]
+            params = ""
+            if p.calls > 1 and spec.loop_params == "per-module" and p.entries:
+                params = shared.setdefault(p.entries[0], f"s{stream.id}_{site.index}")
             ps.sites.append(PlannedSite(name=site.name, index=site.index, entries=list(p.entries), owner=p.owner,
-                                        extra=len(site.extra_branches), last=not stream.successors.get(site)))
+                                        extra=len(site.extra_branches), last=not stream.successors.get(site),
+                                        after=after.get(site, -1), calls=p.calls, functional=list(p.functional),
+                                        params=params, placed=p.describe()))
+        first = ps.first
+        if first is not None and first.functional:
+            # the first site reads the stream in the add's own code: nothing hands its entry hook the stream
+            # itself, so the module that returns the stream's first value starts it (if one does)
+            add_stack = module_stack(stream.sites[0].add)
+            outside = [q for q in module_stack(stream.root) if q not in add_stack]
+            if outside:
+                ps.start = ["output", outside[0]]
         plan.streams.append(ps)
     return plan
 
@@ -283,10 +306,11 @@ def attach(model: nn.Module, plan: Plan) -> nn.Module:
     holder = nn.Module()
     owner = _Owner()
     variant = variants.get(spec.variant)
+    at: dict = {}  # entry path -> [(site, stream id, EntryHook)]
     for stream in plan.streams:
         info = StreamInfo(id=stream.id, width=stream.width, feature_dim=stream.feature_dim, rank=stream.rank,
-                          variant=variant,
-                          n=spec.n, sinkhorn_iters=spec.sinkhorn_iters, owner=owner)
+                          variant=variant, n=spec.n, sinkhorn_iters=spec.sinkhorn_iters, owner=owner,
+                          indexed=any(s.calls > 1 or s.functional for s in stream.sites))
         if stream.start:
             kind, path, *where = stream.start
             start = model.get_submodule(path)
@@ -296,15 +320,25 @@ def attach(model: nn.Module, plan: Plan) -> nn.Module:
                 start.register_forward_pre_hook(StartHook(info, where[0] if where else None), with_kwargs=True)
             pin_forward(start)
         for site in sorted(stream.sites, key=lambda s: s.index):
-            name = f"s{stream.id}_{site.index}"
-            params = variant.make_params(spec, stream.width, site.index, site.last, generator, dtype=dtype,
-                                         device=device)
-            holder.add_module(name, params)
-            hook = EntryHook(info, site.index, site.name, params, site.extra)
+            name = site.params or f"s{stream.id}_{site.index}"
+            if not hasattr(holder, name):
+                last = site.last and not site.params  # parameters shared by several calls keep every matrix
+                holder.add_module(name, variant.make_params(spec, stream.width, site.index, last, generator,
+                                                            dtype=dtype, device=device))
+            hook = EntryHook(info, site.index, site.name, holder.get_submodule(name), site.extra, site.functional)
+            if site.functional:
+                info.functional[site.after] = hook
             for path in site.entries:
-                entry = model.get_submodule(path)
-                entry.register_forward_pre_hook(hook, with_kwargs=True)
-                pin_forward(entry)
+                at.setdefault(path, []).append((site, stream.id, hook))
+    for path, users in at.items():
+        entry = model.get_submodule(path)
+        if len(users) == 1:
+            entry.register_forward_pre_hook(users[0][2], with_kwargs=True)
+        else:  # one module, the entry of several sites: one per call
+            after = {(sid, site.after): hook for site, sid, hook in users}
+            calls = max(site.calls for site, _sid, _hook in users)
+            entry.register_forward_pre_hook(LoopEntryHook(path, after, passes=calls > len(users)), with_kwargs=True)
+        pin_forward(entry)
     model.add_module("hc", holder)
     model.hc_plan = plan
     model.register_forward_pre_hook(RootPreHook(), with_kwargs=True)
@@ -440,7 +474,7 @@ def strip(model: nn.Module) -> nn.Module:
         for hooks, kw in ((m._forward_pre_hooks, m._forward_pre_hooks_with_kwargs),
                           (m._forward_hooks, m._forward_hooks_with_kwargs)):
             for k in [k for k, h in hooks.items()
-                      if isinstance(h, (EntryHook, StartHook, RootPreHook))]:
+                      if isinstance(h, (EntryHook, LoopEntryHook, StartHook, RootPreHook))]:
                 del hooks[k]
                 kw.pop(k, None)
         for k in [k for k, h in m._load_state_dict_post_hooks.items() if isinstance(h, UpcycleHook)]:
@@ -462,16 +496,20 @@ def to_graph(model: nn.Module, example_inputs, example_kwargs=None):
     from .api import rewrite
 
     plan = model.hc_plan
+    if plan.loop_params != "per-call":
+        raise ValueError(f"this model shares connection parameters between the calls of a block (loop_params="
+                         f"{plan.loop_params!r}); the graph form has one set per call and cannot carry them")
     gm = rewrite(strip(model), example_inputs, example_kwargs, variant=plan.variant, n=plan.n, dynamic=plan.dynamic,
                  form="graph", sinkhorn_iters=plan.sinkhorn_iters, seed=plan.seed)
     where = {s.name: (s.stream, s.index) for s in gm.hc_report.sites if s.rewritten}
-    ours = {site.name: (stream.id, site.index) for stream in plan.streams for site in stream.sites}
+    ours = {site.name: (site.params or f"s{stream.id}_{site.index}", site.index)
+            for stream in plan.streams for site in stream.sites}
     if set(where) != set(ours) or any(where[k][1] != v[1] for k, v in ours.items()):
         raise ValueError("the graph form of this model places its sites differently from the structure-preserving "
                          f"form (graph: {sorted(where)}, module: {sorted(ours)}); it cannot carry its weights")
-    for name, (sid, idx) in ours.items():
+    for name, (params, _idx) in ours.items():
         gsid, gidx = where[name]
-        gm.hc.get_submodule(f"s{gsid}_{gidx}").load_state_dict(model.hc.get_submodule(f"s{sid}_{idx}").state_dict())
+        gm.hc.get_submodule(f"s{gsid}_{gidx}").load_state_dict(model.hc.get_submodule(params).state_dict())
     gm.train(model.training)
     return gm
 
@@ -481,9 +519,10 @@ def entry_hooks(model: nn.Module) -> list:
     seen, out = set(), []
     for m in model.modules():
         for h in m._forward_pre_hooks.values():
-            if isinstance(h, EntryHook) and id(h) not in seen:
-                seen.add(id(h))
-                out.append(h)
+            for hook in h.hooks if isinstance(h, LoopEntryHook) else [h]:
+                if isinstance(hook, EntryHook) and id(hook) not in seen:
+                    seen.add(id(hook))
+                    out.append(hook)
     return out
 
 

@@ -135,6 +135,12 @@ def _entries() -> list[ZooEntry]:
           tags=("post-norm",)),
         E("electra", "encoder", _hf("ElectraConfig", "ElectraModel", **_ENC, embedding_size=32), _tokens,
           tags=("post-norm",)),
+        E("albert", "encoder", _hf("AlbertConfig", "AlbertModel", **{**_ENC, "num_hidden_layers": 3},
+                                   embedding_size=16), _tokens, layers=3,
+          notes="one layer shared by all 3 (called 3 times per forward)", tags=("post-norm", "looped")),
+        E("longformer", "encoder", _hf("LongformerConfig", "LongformerModel", **_ENC, attention_window=[4, 4]),
+          _tokens, notes="data-dependent global attention: torch.export fails, the default form finds the sites "
+          "in a trace of one call", tags=("post-norm", "trace-capture")),
         E("distilbert", "encoder", _hf("DistilBertConfig", "DistilBertModel", vocab_size=VOCAB, dim=32,
                                        hidden_dim=64, n_layers=2, n_heads=4, max_position_embeddings=64),
           _tokens, tags=("post-norm",)),

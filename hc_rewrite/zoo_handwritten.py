@@ -279,6 +279,62 @@ class SameTensorTwoLayouts(nn.Module):
         return x + self.c3(x)
 
 
+# ----------------------------------------------------------------------------- a looped block
+class LoopedTransformer(nn.Module):
+    """Universal-Transformer style: one pre-norm block (attention + MLP) applied ``depth`` times per forward, the
+    depth an attribute the user may change after building (``model.depth = 6``)."""
+
+    def __init__(self, vocab: int = 128, dim: int = 32, depth: int = 3):
+        super().__init__()
+        self.depth = depth
+        self.embed = nn.Embedding(vocab, dim)
+        self.ln1, self.attn = nn.LayerNorm(dim), Attention(dim)
+        self.ln2, self.mlp = nn.LayerNorm(dim), nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(),
+                                                              nn.Linear(2 * dim, dim))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for _ in range(self.depth):
+            x = x + self.attn(self.ln1(x))
+            x = x + self.mlp(self.ln2(x))
+        return self.norm(x)
+
+
+# ----------------------------------------------------------------------------- branches that read the stream in code
+class FunctionalBlock(nn.Module):
+    """A block whose branches read the stream in the block's own code before their first submodule: a weightless
+    ``F.layer_norm`` in front of the attention, a scale in front of the MLP."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.attn = Attention(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.scale = dim ** -0.5
+
+    def forward(self, x):
+        x = x + self.attn(F.layer_norm(x, x.shape[-1:]))
+        return x + self.mlp(x * self.scale)
+
+
+class FunctionalEntryNet(nn.Module):
+    """Hand-written transformer whose branches enter through code, not through a submodule: a gated first layer
+    in the top-level forward (``h + self.gate(torch.tanh(h))``), then :class:`FunctionalBlock` layers."""
+
+    def __init__(self, vocab: int = 128, dim: int = 32, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.gate = nn.Linear(dim, dim)
+        self.layers = nn.ModuleList(FunctionalBlock(dim) for _ in range(layers))
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        h = h + self.gate(torch.tanh(h))
+        for layer in self.layers:
+            h = layer(h)
+        return F.rms_norm(h, h.shape[-1:])
+
+
 def _image(default_size):
     def make(batch=2, seq=None, generator=None, size=None):
         size = size or default_size
@@ -315,6 +371,10 @@ def entries(ZooEntry) -> list:
         E("mlp_mixer", "hand-written", _seeded(MLPMixer), _image(16), other={"batch": 3},
           notes="token-mixing MLPs contract the tokens after a LayerNorm over the channels",
           tags=("token-mixing",)),
+        E("looped_transformer", "hand-written", _seeded(LoopedTransformer), _ids, layers=3,
+          notes="one block applied depth times per forward (Universal-Transformer style)", tags=("looped",)),
+        E("functional_entries", "hand-written", _seeded(FunctionalEntryNet), _ids, layers=3,
+          notes="branches read the stream in code: tanh gate, weightless layer_norm, scale", tags=("functional",)),
         E("alternating_layouts", "hand-written", _seeded(AlternatingLayoutNet), _image(8), layers=6,
           other={"batch": 3, "size": 12}, notes="conv stream -> token stream -> conv stream",
           tags=("conv", "alternating-layouts")),
