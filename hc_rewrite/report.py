@@ -106,4 +106,7 @@ class RewriteReport:
                          f"expanded at {st.start}; reduced for: {readers}")
         if self.sites:
             lines += ["", self.table()]
+        special = [s for s in self.rewritten if s.placed.startswith("functional") or "calls per forward" in s.placed]
+        if special:  # placements beyond "a pre-hook on the branch's first submodule"
+            lines += ["", "placed:"] + [f"  {s.name}: {s.placed}" for s in special]
         return "\n".join(lines)

@@ -88,8 +88,8 @@ class StreamValue(torch.Tensor):
         kwargs = kwargs or {}
         handler = _HANDLERS.get(func)
         arm = _arm_of(args, kwargs)
-        if arm is not None and (handler is None or (handler is not _add
-                                                    and getattr(func, "__name__", "") in arm.hook.spellings)):
+        if arm is not None and (handler is None or (getattr(func, "__name__", "") in arm.hook.spellings
+                                                    and (handler is not _add or _reads_stream(arm, args)))):
             return _derive(arm, func, args, kwargs)
         if handler is not None:
             out = handler(func, args, kwargs)
@@ -178,6 +178,12 @@ class Derived(torch.Tensor):
 
 def _handler_is_add(func) -> bool:
     return _HANDLERS.get(func) is _add
+
+
+def _reads_stream(arm: _Arm, args) -> bool:
+    """An add on the armed stream value that is a read by its branch (``self.f(x + pos)``), not the site's add: the
+    value has no pending coefficients and no operand comes from the branch."""
+    return arm.src._hc_pending is None and not any(isinstance(a, Derived) and a._hc_arm is arm for a in args)
 
 
 def _arm_of(args, kwargs):
