@@ -1,0 +1,1 @@
+"""Integrations with training engines (optional dependencies, imported on use)."""
