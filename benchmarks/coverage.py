@@ -108,14 +108,17 @@ def to_markdown(rows: list[dict]) -> str:
                      + " | ".join(errs) + f" | {dead} | {r.get('graph', '-')} |")
         if r.get("why"):
             notes.append(f"- {r['model']}: {r['why']}")
-        if r.get("shapes", "dynamic") != "dynamic":
+        if r.get("shapes", "").startswith("example's shapes"):  # capture.TRACE_CALL: the default form only
+            tried = r["shapes"].split(" (", 1)[1].rstrip(")") if " (" in r["shapes"] else ""
+            notes.append(f"- {r['model']}: sites found in a trace of one eager call, so no graph form ({tried})")
+        elif r.get("shapes", "dynamic") != "dynamic":
             notes.append(f"- {r['model']}: {r['shapes']}")
     ok = sum(1 for r in rows if _ok(r))
     lines.append("")
     lines.append(f"{ok} of {len(rows)} architectures: every site rewritten in the structure-preserving form, every "
                  f"variant equivalent at init at a shape the capture never saw (max relative error <= {TOL:g}, fp32, "
                  "fresh random inputs; captured at batch 2 x length 8 or the entry's image size; n = 4, dynamic) "
-                 "and no dead connection parameter (all three variants and the graph form).")
+                 "and no dead connection parameter (all three variants and the graph form where there is one).")
     if notes:
         lines += ["", "Refused or limited:", *notes]
     return "\n".join(lines)
