@@ -16,7 +16,8 @@ def export_onnx(*args, **kwargs):
     return _export_onnx(*args, **kwargs)
 
 
-from .errors import CaptureError, HCRewriteError, NoResidualStreamError, SpecError, StructureError
+from .errors import (AlreadyHyperConnectedError, CaptureError, HCRewriteError, NoResidualStreamError, SpecError,
+                     StructureError)
 from .ops import ops, reference
 from .report import RewriteReport
 from .spec import HCSpec
@@ -25,7 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "rewrite", "report", "RewriteReport", "HCSpec", "HCRewriteError", "SpecError", "CaptureError",
-    "NoResidualStreamError", "StructureError", "ops", "reference", "__version__", "from_pretrained", "rebuild",
+    "NoResidualStreamError", "AlreadyHyperConnectedError", "StructureError", "ops", "reference", "__version__", "from_pretrained", "rebuild",
     "Plan", "strip", "to_graph", "export_onnx", "compile_stream_ops", "init_connections", "connection_keys",
     "check",
 ]

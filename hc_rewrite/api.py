@@ -7,7 +7,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .capture import capture, prepare_kwargs
-from .errors import NoResidualStreamError, NotAModuleError, SpecError, StructureError
+from .errors import AlreadyHyperConnectedError, NoResidualStreamError, NotAModuleError, SpecError, StructureError
 from .passes import group_residual_streams
 from .passes.pipeline import GRAPH_FORM, MODULE_FORM, PassContext, analyse
 from .report import RewriteReport, SiteReport, StreamReport
@@ -53,6 +53,8 @@ def _analyse(model, example_inputs, example_kwargs, spec: HCSpec, replayable: bo
     sites, streams = ctx.sites, ctx.streams
     for stream in streams:
         spec.check_width(stream.width, f"residual stream {stream.id} (expanded at {stream.root.name})")
+    captured.hyper = [f"a stream of {h.n} copies of width {h.width} ([..., {h.n}, {h.width}]) widened at {h.start}, "
+                      f"collapsed {h.collapses} times (its blocks mix copies, not skip + branch)" for h in ctx.hyper]
     return captured, sites, streams
 
 
@@ -61,11 +63,15 @@ def _report(model, spec, captured, sites, streams, form, new_parameters, init_re
         model=type(model).__name__, variant=spec.variant, n=spec.n, dynamic=spec.dynamic,
         capture=captured.method, form=form, init_rel_err=init_rel_err, shapes=captured.shapes,
         streams=[StreamReport.of(s) for s in streams], sites=[SiteReport.of(s) for s in sites],
-        new_parameters=new_parameters,
+        new_parameters=new_parameters, existing=list(getattr(captured, "hyper", [])),
     )
 
 
 def _no_stream(model, rep):
+    if rep.existing:
+        return AlreadyHyperConnectedError(
+            f"{type(model).__name__} already carries hyper-connections ({'; '.join(rep.existing)}): it has no plain "
+            f"residual stream to rewrite\n{rep}", report=rep)
     return NoResidualStreamError(f"no residual stream found in {type(model).__name__}: nothing to rewrite\n{rep}",
                                  report=rep)
 

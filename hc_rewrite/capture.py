@@ -40,6 +40,7 @@ class Captured:
     # False: a graph that only says where the sites are (a trace of one eager call, data-dependent values of the
     # example burnt in): the structure-preserving form can use it, the graph form cannot replay it
     replayable: bool = True
+    hyper: list = field(default_factory=list)  # set by the analysis: streams that already are hyper-connections
 
 
 class InputBinder:

@@ -25,6 +25,10 @@ class NoResidualStreamError(HCRewriteError, ValueError):
         self.report = report
 
 
+class AlreadyHyperConnectedError(NoResidualStreamError):
+    """The model's residual streams already are hyper-connections (``.report.existing`` says where)."""
+
+
 class BackendError(HCRewriteError, RuntimeError):
     """The ``hc_rewrite`` torch.compile backend was used in a way it cannot honour."""
 

@@ -58,6 +58,7 @@ class RewriteReport:
     init_rel_err: float | None = None  # module form: measured at rewrite time on the example call
     check: str = ""  # why the numeric check did not run, if it did not (the meta device)
     shapes: str = "dynamic"  # the capture's shapes: "dynamic", or "static shapes: <why>" (specialised to the example)
+    existing: list = field(default_factory=list)  # streams that already are hyper-connections (find_hyper_streams)
 
     @property
     def rewritten(self) -> list:
@@ -98,6 +99,8 @@ class RewriteReport:
         ]
         if self.check:
             lines.append(f"  check: {self.check}")
+        for e in self.existing:
+            lines.append(f"  already hyper-connected: {e}")
         if self.shapes != "dynamic":
             lines.append(f"  capture: {self.shapes}")
         for st in self.streams:

@@ -38,7 +38,7 @@ def _close_with_grads(theirs, ours, inputs, tol=1e-6):
     grads_theirs = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, theirs)), inputs)
     grads_ours = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, ours)), inputs)
     for a, b in zip(grads_theirs, grads_ours):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("model", ["deepseek_v4", "glm5_next"])

@@ -6,6 +6,7 @@ reads the fields of a :class:`PassContext` it names and writes its result to one
 
     capture ──▶ ANALYSIS: remove_metadata_asserts ─▶ restore_dropout_modules ─▶ restore_batch_norm_modules
                           ─▶ find_residual_sites ─▶ infer_feature_axes ─▶ group_residual_streams
+                          ─▶ find_hyper_streams
             ├─▶ GRAPH_FORM:  insert_hyper_connections                           (rewrite(form="graph"))
             └─▶ MODULE_FORM: place_sites_on_modules, regrouping refused sites   (rewrite(form="module"))
     torch.compile ──▶ LOWERING: tag_stream_recompute ─▶ fuse_stream_ops ─▶ lower_stream_ops (CUDA)
@@ -23,6 +24,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from .find_hyper_streams import find_hyper_streams
 from .find_residual_sites import find_residual_sites
 from .fuse_stream_ops import fuse_stream_ops
 from .infer_feature_axes import infer_feature_axes
@@ -46,6 +48,7 @@ class PassContext:
     sites: list = field(default_factory=list)  # find_residual_sites
     streams: list = field(default_factory=list)  # group_residual_streams (regrouped by MODULE_FORM)
     placements: list = field(default_factory=list)  # MODULE_FORM
+    hyper: list = field(default_factory=list)  # find_hyper_streams: streams that already are hyper-connections
     fused: dict | None = None  # LOWERING: {reference op: fused op}; None: hc_rewrite.kernels.fused_ops()
     results: dict = field(default_factory=dict)  # pass name -> what it returned
 
@@ -132,6 +135,7 @@ ANALYSIS = PassManager.build_from_passlist([
     Pass(find_residual_sites, writes=("sites",)),
     Pass(infer_feature_axes, reads=("sites",), writes=("sites",)),
     Pass(group_residual_streams, reads=("sites",), writes=("streams",)),
+    Pass(find_hyper_streams, writes=("hyper",)),
 ])
 #: ``rewrite(form="graph")``: the streams rewritten in the graph itself (recompiles it).
 GRAPH_FORM = PassManager.build_from_passlist([
