@@ -118,3 +118,21 @@ def test_example_config():
     assert hc_rewrite.check(model, _plain_twin(model), (tokens,)) <= 1e-5
     groups, _ = OptimizersContainer._build_param_groups(model, example.optimizer().param_groups, {})
     assert [g["weight_decay"] for g in groups["AdamW"]] == [0.0, 0.1]
+
+
+@pytest.mark.parametrize("variant", ["mhc", "frac", "hc"])
+def test_torchtitan_selective_activation_checkpointing_gives_the_same_gradients(variant):
+    """torchtitan's own op-level SAC policy (its default; ``SelectiveAC.apply`` wraps every block), eager."""
+    from torchtitan.distributed.activation_checkpoint import SelectiveAC
+
+    config = HyperConnectionsConverter.Config(variant=variant).build().convert(debug_config())
+    model = build_like_the_trainer(config)
+    tokens = torch.randint(0, 2048, (2, 16))
+    model(tokens).float().pow(2).mean().backward()
+    plain = {id(p): p.grad.clone() for p in model.parameters()}
+    model.zero_grad()
+    SelectiveAC(SelectiveAC.Config()).apply(model)
+    assert sum("Checkpoint" in type(m).__name__ for m in model.modules()) == 6
+    model(tokens).float().pow(2).mean().backward()
+    scale = max(g.abs().max() for g in plain.values())
+    assert max((p.grad - plain[id(p)]).abs().max() for p in model.parameters()) / scale <= 1e-6
