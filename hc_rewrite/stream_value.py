@@ -163,8 +163,7 @@ class Derived(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _HANDLERS and func is not _checkpoint and _handler_is_add(func) and \
-                any(_bound(a) for a in args[:2]):
+        if _HANDLERS.get(func) is _add and any(_bound(a) for a in args[:2]):
             return NotImplemented  # the site's add: StreamValue.__torch_function__ replays this value there
         arm = None
         for a in pytree.tree_leaves((args, kwargs)):
@@ -174,10 +173,6 @@ class Derived(torch.Tensor):
         if arm is None:
             return _call_plain(func, args, kwargs)
         return _derive(arm, func, args, kwargs)
-
-
-def _handler_is_add(func) -> bool:
-    return _HANDLERS.get(func) is _add
 
 
 def _reads_stream(arm: _Arm, args) -> bool:
