@@ -76,7 +76,7 @@ def _compiles_as_one_graph(new, args, kwargs=None):
 
 
 # ----------------------------------------------------------------------------- looped blocks
-@pytest.mark.parametrize("variant", ["mhc", "frac", "hc"])
+@pytest.mark.parametrize("variant", ["mhc", "frac"])
 def test_looped_block_gets_a_site_per_call(variant):
     model = LoopedTransformer().eval()
     args, _ = inputs("looped_transformer", CAPTURE_SEED)
@@ -212,7 +212,8 @@ def test_functional_entry(spelling, variant):
     with torch.no_grad():
         assert rel_err(model(x2), new(x2)) <= 1e-5
     _module_matches_graph_form(new, (x2,))
-    _compiles_as_one_graph(new, (x2,))
+    if spelling in ("layer_norm", "scale"):  # compile: one link-like op, one plain op (CI time)
+        _compiles_as_one_graph(new, (x2,))
 
 
 def test_functional_entries_in_the_top_level_forward():

@@ -114,7 +114,7 @@ block_st = st.fixed_dictionaries({
 })
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     blocks=st.lists(block_st, min_size=1, max_size=4),
     widen_at=st.integers(min_value=-1, max_value=3),

@@ -120,7 +120,7 @@ def test_example_config():
     assert [g["weight_decay"] for g in groups["AdamW"]] == [0.0, 0.1]
 
 
-@pytest.mark.parametrize("variant", ["mhc", "frac", "hc"])
+@pytest.mark.parametrize("variant", ["mhc", "hc"])  # the two the issue saw fail; Frac has no H_res matmul
 def test_torchtitan_selective_activation_checkpointing_gives_the_same_gradients(variant):
     """torchtitan's own op-level SAC policy (its default; ``SelectiveAC.apply`` wraps every block), eager."""
     from torchtitan.distributed.activation_checkpoint import SelectiveAC
