@@ -13,7 +13,8 @@ from ..helpers import analysed
 
 def test_the_stages_and_their_order():
     assert ANALYSIS.names == ["remove_metadata_asserts", "restore_dropout_modules", "restore_batch_norm_modules",
-                              "find_residual_sites", "infer_feature_axes", "group_residual_streams"]
+                              "find_residual_sites", "infer_feature_axes", "group_residual_streams",
+                              "find_hyper_streams"]
     assert GRAPH_FORM.names == ["insert_hyper_connections"]
     assert MODULE_FORM.names == ["place_sites_regrouping"]
     assert LOWERING.names == ["tag_stream_recompute", "fuse_stream_ops", "lower_stream_ops", "decompose_stream_ops"]
