@@ -22,13 +22,16 @@ import torch
 from torchtitan.components.optimizer.optimizer import OptimizersContainer
 from torchtitan.models.llama3 import model_registry
 
-from hc_rewrite.integrations.torchtitan import HyperConnectionsConverter, param_groups
+from hc_rewrite.integrations.torchtitan import HyperConnectionsConverter, param_groups, with_connections
 
 
 def model_spec(variant: str = "mhc", n: int = 4, attn_backend: str = "flex"):
-    """torchtitan's ``debugmodel`` spec with the hyper-connections converter."""
-    return model_registry("debugmodel", attn_backend=attn_backend,
+    """torchtitan's ``debugmodel`` spec with the hyper-connections converter, and its HF state-dict adapter passing
+    the connection parameters through."""
+    spec = model_registry("debugmodel", attn_backend=attn_backend,
                           converters=[HyperConnectionsConverter.Config(variant=variant, n=n)])
+    spec.state_dict_adapter = with_connections(spec.state_dict_adapter)
+    return spec
 
 
 def optimizer(lr: float = 8e-4) -> OptimizersContainer.Config:

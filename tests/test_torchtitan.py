@@ -118,6 +118,7 @@ def test_example_config():
     assert hc_rewrite.check(model, _plain_twin(model), (tokens,)) <= 1e-5
     groups, _ = OptimizersContainer._build_param_groups(model, example.optimizer().param_groups, {})
     assert [g["weight_decay"] for g in groups["AdamW"]] == [0.0, 0.1]
+    assert example.model_spec().state_dict_adapter.__name__ == "HCLlama3StateDictAdapter"
 
 
 @pytest.mark.parametrize("variant", ["mhc", "hc"])  # the two the issue saw fail; Frac has no H_res matmul
@@ -136,3 +137,21 @@ def test_torchtitan_selective_activation_checkpointing_gives_the_same_gradients(
     model(tokens).float().pow(2).mean().backward()
     scale = max(g.abs().max() for g in plain.values())
     assert max((p.grad - plain[id(p)]).abs().max() for p in model.parameters()) / scale <= 1e-6
+
+
+def test_hf_state_dict_adapter_passes_the_connections_through():
+    from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter
+
+    from hc_rewrite.integrations.torchtitan import with_connections
+
+    config = HyperConnectionsConverter.Config().build().convert(debug_config())
+    model = build_like_the_trainer(config)
+    state = {k: v for k, v in model.state_dict().items()}
+    with pytest.raises(KeyError):  # torchtitan's own adapter does not know them
+        Llama3StateDictAdapter(config, None).to_hf(state)
+    adapter = with_connections(Llama3StateDictAdapter)(config, None)
+    hf = adapter.to_hf(state)
+    assert {k for k in hf if k.startswith("hc.")} == set(hc_rewrite.connection_keys(model))
+    assert any(k.startswith("model.layers.0.") for k in hf)  # the rest converted to HF names
+    back = adapter.from_hf(hf)
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)

@@ -147,3 +147,28 @@ def param_groups(optimizer_name: str = "AdamW", *, weight_decay: float = 0.1, **
         ParamGroupConfig(pattern=r".*", optimizer_name=optimizer_name,
                          optimizer_kwargs={**optimizer_kwargs, "weight_decay": weight_decay}),
     ]
+
+
+_adapter_classes: dict = {}
+
+
+def with_connections(adapter_cls: type) -> type:
+    """A subclass of a torchtitan ``StateDictAdapter`` (e.g. ``Llama3StateDictAdapter``, a model spec's
+    ``state_dict_adapter``) that passes the connection parameters (``hc.*``) through ``to_hf`` / ``from_hf``
+    unchanged and converts the rest as before: an HF checkpoint of the rewritten model keeps its connections, and a
+    plain HF checkpoint (no ``hc.*``) converts as it did. Usage: ``spec.state_dict_adapter =
+    with_connections(spec.state_dict_adapter)``."""
+    out = _adapter_classes.get(adapter_cls)
+    if out is None:
+        def to_hf(self, state_dict):
+            ours = {k: v for k, v in state_dict.items() if k.startswith("hc.")}
+            return {**adapter_cls.to_hf(self, {k: v for k, v in state_dict.items() if k not in ours}), **ours}
+
+        def from_hf(self, hf_state_dict):
+            ours = {k: v for k, v in hf_state_dict.items() if k.startswith("hc.")}
+            return {**adapter_cls.from_hf(self, {k: v for k, v in hf_state_dict.items() if k not in ours}), **ours}
+
+        out = type(f"HC{adapter_cls.__name__}", (adapter_cls,), {"to_hf": to_hf, "from_hf": from_hf,
+                                                                 "__module__": __name__})
+        _adapter_classes[adapter_cls] = out
+    return out
