@@ -51,6 +51,25 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def mean_over_ranks(loss: torch.Tensor, world: int) -> float:
+    """The loss averaged over the ranks (each rank's loss is the mean over its share of the global batch)."""
+    seen = loss.detach().clone()
+    if world > 1:
+        dist.all_reduce(seen, op=dist.ReduceOp.SUM)
+        seen /= world
+    return seen.item()
+
+
+def shut_down(world: int) -> None:
+    """End the process group, after the caller dropped its wrapped model and optimizer: a DDP reducer (or FSDP state)
+    that outlives destroy_process_group() would destroy the gloo group on exit while holding the GIL, and gloo's
+    worker thread, which needs the GIL to drop its last tensors, would wait for it forever."""
+    if world > 1:
+        dist.barrier()
+        gc.collect()
+        dist.destroy_process_group()
+
+
 def build(args, device):
     import transformers
 
@@ -117,24 +136,14 @@ def main(argv=None) -> list:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        seen = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(seen, op=dist.ReduceOp.SUM)
-            seen /= world
-        losses.append(seen.item())
+        losses.append(mean_over_ranks(loss, world))
         if rank == 0:
             print(f"step {step:4d}  loss {losses[-1]:.5f}  ({time.time() - t0:.1f}s)", flush=True)
     if rank == 0 and args.out:
         Path(args.out).write_text(json.dumps({"losses": losses, "world": world, "parallel": args.parallel,
                                               "variant": args.variant, "corpus": info}, indent=1))
-    if world > 1:
-        # Free the wrapped model while the process group is still registered: a DDP reducer (or FSDP state) that
-        # outlives destroy_process_group() would destroy the gloo group on exit while holding the GIL, and gloo's
-        # worker thread, which needs the GIL to drop its last tensors, would wait for it forever.
-        dist.barrier()
-        del model, opt, loss
-        gc.collect()
-        dist.destroy_process_group()
+    model = opt = loss = None  # dropped before the process group ends (shut_down)
+    shut_down(world)
     return losses
 
 

@@ -17,9 +17,9 @@ batch per step whatever the number of ranks::
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -32,6 +32,9 @@ from torchtitan.models.common.attention import ScaledDotProductAttention
 from torchtitan.models.llama3 import llama3_configs
 
 from hc_rewrite.integrations.torchtitan import HyperConnectionsConverter, param_groups
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_fsdp import mean_over_ranks, shut_down  # noqa: E402
 
 VOCAB = 2048
 
@@ -110,22 +113,15 @@ def main(argv=None) -> list:
         # FSDP sums the gradients (gloo has no averaging reduce): the mean over ranks is a scaled loss
         (loss / world).backward()
         opt.step()
-        seen = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(seen, op=dist.ReduceOp.SUM)
-            seen /= world
-        losses.append(seen.item())
+        losses.append(mean_over_ranks(loss, world))
         if rank == 0:
             print(f"step {step}  loss {losses[-1]:.6f}", flush=True)
         if args.save_at is not None and step + 1 == args.save_at:
             dcp.save({"model": ModelWrapper(model), "optimizer": opt}, checkpoint_id=args.ckpt)
     if rank == 0 and args.out:
         Path(args.out).write_text(json.dumps({"losses": losses, "world": world, "first": first}, indent=1))
-    if world > 1:
-        dist.barrier()
-        del model, opt, loss
-        gc.collect()
-        dist.destroy_process_group()
+    model = opt = loss = None  # dropped before the process group ends (shut_down)
+    shut_down(world)
     return losses
 
 
