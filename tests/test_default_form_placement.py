@@ -224,7 +224,7 @@ def test_functional_entries_in_the_top_level_forward():
     new = hc_rewrite.rewrite(model, args, variant="mhc", n=4)
     placed = [s.placed for s in new.hc_report.sites]
     assert placed[0] == "functional entry: tanh in the top-level forward's code, replayed on pre(W) at gate"
-    assert "layer_norm in 'layers.0'" in placed[1] and "mul in 'layers.0'" in placed[2]
+    assert "layer_norm in the code of 'layers.0'" in placed[1] and "mul in the code of 'layers.0'" in placed[2]
     a2, _ = inputs("functional_entries", FRESH_SEED, batch=3, seq=10)
     _module_matches_graph_form(new, a2)
 

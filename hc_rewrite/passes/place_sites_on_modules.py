@@ -54,8 +54,8 @@ class Placement:
         """How the site is placed, for the report."""
         entry = ", ".join(self.entries) or "the add"
         if self.functional:
-            where = f"'{self.owner}'" if self.owner else "the top-level forward"
-            text = f"functional entry: {'/'.join(self.functional)} in {where}'s code, replayed on pre(W) at {entry}"
+            where = f"the code of '{self.owner}'" if self.owner else "the top-level forward's code"
+            text = f"functional entry: {'/'.join(self.functional)} in {where}, replayed on pre(W) at {entry}"
         else:
             text = f"entry {entry}"
         if self.calls > 1:
