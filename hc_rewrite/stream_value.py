@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import types
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -56,14 +56,10 @@ class StreamInfo:
     rank: int = 0  # rank of the stream tensor (0: unknown)
     # stream position -> the entry hook of the functional site that reads the stream value at that position
     # (its branch reads the stream in the add's own code: the ops are recorded as Derived values)
-    functional: dict = None
+    functional: dict = field(default_factory=dict)
     # positions are kept under compile too (looped entries and functional sites choose by position; the stream's
     # blocks then compile one graph per position)
     indexed: bool = False
-
-    def __post_init__(self):
-        if self.functional is None:
-            self.functional = {}
 
 
 @dataclass
@@ -126,11 +122,13 @@ def _alias(t: torch.Tensor) -> torch.Tensor:
 
 
 def _plain_arg(a):
-    """A plain alias of a stream value; one level of lists and tuples (``torch.cat([x, y])``) looked into."""
-    if isinstance(a, (StreamValue, Derived)):
+    """A plain alias of a stream value or a derived value; one level of lists and tuples (``torch.cat([x, y])``)
+    looked into."""
+    ours = (StreamValue, Derived)
+    if isinstance(a, ours):
         return _alias(a)
-    if isinstance(a, (list, tuple)) and any(isinstance(v, (StreamValue, Derived)) for v in a):
-        return type(a)(_alias(v) if isinstance(v, (StreamValue, Derived)) else v for v in a)
+    if isinstance(a, (list, tuple)) and any(isinstance(v, ours) for v in a):
+        return type(a)(_alias(v) if isinstance(v, ours) else v for v in a)
     return a
 
 

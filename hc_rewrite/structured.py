@@ -192,7 +192,10 @@ class PlannedSite:
     calls: int = 1  # how often its entry module runs per forward (> 1: a looped / shared block)
     functional: list = field(default_factory=list)  # ops of the add's own code that read the stream (see EntryHook)
     params: str = ""  # name of its connection parameters under model.hc ("": its own, s<stream>_<index>)
-    placed: str = ""  # how it was placed (the report's words)
+
+    def params_name(self, stream_id: int) -> str:
+        """The name of its connection parameters under ``model.hc``."""
+        return self.params or f"s{stream_id}_{self.index}"
 
 
 @dataclass
@@ -268,7 +271,7 @@ def build_plan(spec: HCSpec, streams, placements) -> Plan:
             ps.sites.append(PlannedSite(name=site.name, index=site.index, entries=list(p.entries), owner=p.owner,
                                         extra=len(site.extra_branches), last=not stream.successors.get(site),
                                         after=after.get(site, -1), calls=p.calls, functional=list(p.functional),
-                                        params=params, placed=p.describe()))
+                                        params=params))
         first = ps.first
         if first is not None and first.functional:
             # the first site reads the stream in the add's own code: nothing hands its entry hook the stream
@@ -320,7 +323,7 @@ def attach(model: nn.Module, plan: Plan) -> nn.Module:
                 start.register_forward_pre_hook(StartHook(info, where[0] if where else None), with_kwargs=True)
             pin_forward(start)
         for site in sorted(stream.sites, key=lambda s: s.index):
-            name = site.params or f"s{stream.id}_{site.index}"
+            name = site.params_name(stream.id)
             if not hasattr(holder, name):
                 last = site.last and not site.params  # parameters shared by several calls keep every matrix
                 holder.add_module(name, variant.make_params(spec, stream.width, site.index, last, generator,
@@ -502,7 +505,7 @@ def to_graph(model: nn.Module, example_inputs, example_kwargs=None):
     gm = rewrite(strip(model), example_inputs, example_kwargs, variant=plan.variant, n=plan.n, dynamic=plan.dynamic,
                  form="graph", sinkhorn_iters=plan.sinkhorn_iters, seed=plan.seed)
     where = {s.name: (s.stream, s.index) for s in gm.hc_report.sites if s.rewritten}
-    ours = {site.name: (site.params or f"s{stream.id}_{site.index}", site.index)
+    ours = {site.name: (site.params_name(stream.id), site.index)
             for stream in plan.streams for site in stream.sites}
     if set(where) != set(ours) or any(where[k][1] != v[1] for k, v in ours.items()):
         raise ValueError("the graph form of this model places its sites differently from the structure-preserving "

@@ -158,8 +158,9 @@ def place_sites_on_modules(gm: fx.GraphModule, streams: list[Stream]) -> list[Pl
             for e in entries:
                 used[e] = site
             paths = list(dict.fromkeys(p for p, _key in entries))
-            names = list(dict.fromkeys(_op_name(n) for n in functional if n in readers)) if functional else []
+            # the ops that read the stream itself (else the first op of the walk)
+            names = list(dict.fromkeys(_op_name(n) for n in functional if n in readers)) or \
+                [_op_name(n) for n in functional[:1]]
             placements.append(Placement(site=site, owner=owner, entries=paths,
-                                        calls=max([calls.get(p, 1) for p in paths], default=1),
-                                        functional=names or ([_op_name(functional[0])] if functional else [])))
+                                        calls=max([calls.get(p, 1) for p in paths], default=1), functional=names))
     return placements
