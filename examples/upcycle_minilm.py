@@ -19,6 +19,7 @@ import argparse
 import ast
 import copy
 import hashlib
+import json
 import os
 import random
 import re
@@ -249,6 +250,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", help="also write the table as Markdown to this file")
+    ap.add_argument("--json", help="also write every number (results and settings) as JSON to this file")
     args = ap.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in args.variants if v not in VARIANTS]
@@ -297,6 +299,11 @@ def main(argv=None) -> list[dict]:
                            f"{args.hc_lr} (hc.), n={args.n}; step-0 checks on {len(sentences)} held-out "
                            f"texts.\n\n{md}\n")
             print(f"\nwrote {out}")
+        if args.json:
+            path = Path(args.json)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(dict(args=vars(args), torch=torch.__version__, results=results), indent=1))
+            print(f"wrote {path}")
         return results
     finally:
         torch.set_num_threads(threads)
