@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 import torch.utils._pytree as pytree
@@ -64,7 +65,42 @@ def _report(model, spec, captured, sites, streams, form, new_parameters, init_re
         capture=captured.method, form=form, init_rel_err=init_rel_err, shapes=captured.shapes,
         streams=[StreamReport.of(s) for s in streams], sites=[SiteReport.of(s) for s in sites],
         new_parameters=new_parameters, existing=list(getattr(captured, "hyper", [])),
+        flavour=_describe_flavour(spec),
     )
+
+
+def _describe_flavour(spec) -> str:
+    if spec.flavour == "paper":
+        return ""
+    collapse = "a learned head where each stream ends" if spec.flavour == "deepseek-v4" else "the mean"
+    return (f"{spec.flavour}: rms_eps {spec.rms_eps:g} ({spec.rms_eps_source or 'given'}), "
+            f"hc_eps {spec.hc_eps:g}, collapse by {collapse}")
+
+
+def model_rms_eps(model) -> tuple:
+    """``(eps, where)``: the RMS normalisation eps of ``model`` for production mHC: its HF config's
+    ``rms_norm_eps``, else the ``eps`` (``variance_epsilon``) of its first RMSNorm module (``nn.RMSNorm`` or a class named so), else DeepSeek-V4's
+    default."""
+    from .production import RMS_EPS
+
+    value = getattr(getattr(model, "config", None), "rms_norm_eps", None)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value), "config.rms_norm_eps"
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.RMSNorm) or "rmsnorm" in type(m).__name__.lower():
+            for attr in ("eps", "variance_epsilon"):
+                value = getattr(m, attr, None)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    return float(value), f"{name}.{attr}"
+    return RMS_EPS, "DeepSeek-V4's default: the model has no RMSNorm"
+
+
+def _resolve_spec(spec: HCSpec, model) -> HCSpec:
+    """The spec with what it takes from the model filled in (production mHC's RMS eps)."""
+    if spec.flavour == "paper" or spec.rms_eps is not None:
+        return spec
+    eps, where = model_rms_eps(model)
+    return dataclasses.replace(spec, rms_eps=eps, rms_eps_source=where)
 
 
 def _no_stream(model, rep):
@@ -286,7 +322,7 @@ def rewrite(model, example_inputs, example_kwargs=None, *, variant="mhc", n=4, d
     :class:`~hc_rewrite.errors.NoResidualStreamError` (with ``.report``) when nothing can be rewritten, and
     :class:`~hc_rewrite.errors.StructureError` when the module form cannot reproduce the original.
     """
-    spec = make_spec(variant, n, dynamic, **options)
+    spec = _resolve_spec(make_spec(variant, n, dynamic, **options), model)
     new, _ = _run(model, example_inputs, example_kwargs, spec, form)
     return new
 
@@ -295,7 +331,7 @@ def report(model, example_inputs, example_kwargs=None, *, variant="mhc", n=4, dy
            **options) -> RewriteReport:
     """What :func:`rewrite` would do, with the same arguments: every stream and site, and why a site is
     refused. Unlike :func:`rewrite`, a model without residual streams gives a report, not an error."""
-    spec = make_spec(variant, n, dynamic, **options)
+    spec = _resolve_spec(make_spec(variant, n, dynamic, **options), model)
     try:
         _, rep = _run(model, example_inputs, example_kwargs, spec, form)
     except NoResidualStreamError as e:

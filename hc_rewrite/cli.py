@@ -14,6 +14,7 @@ import json
 import sys
 
 from . import variants
+from .spec import FLAVOURS
 
 
 def load_model(spec: str):
@@ -39,6 +40,8 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", default="mhc", choices=variants.NAMES, help="default: mhc")
     p.add_argument("--n", type=int, default=4, help="expansion rate / number of fractions (default 4)")
     p.add_argument("--static", action="store_true", help="static coefficients (default: dynamic)")
+    p.add_argument("--flavour", default="paper", choices=FLAVOURS,
+                   help="mhc only: the paper's math (default) or a production model's (deepseek-v4, glm5-next)")
     p.add_argument("--form", default="module", choices=["module", "graph"],
                    help="module: the user's model with its structure kept (default); graph: one flat graph")
 
@@ -59,7 +62,7 @@ def _cmd_report(args) -> int:
 
     model, margs, mkwargs = load_model(args.model)
     rep = report(model, margs, mkwargs, variant=args.variant, n=args.n, dynamic=not args.static,
-                 form=getattr(args, "form", "module"))
+                 form=getattr(args, "form", "module"), flavour=args.flavour)
     if args.json:
         print(json.dumps(rep.to_dict(), indent=2))
     else:

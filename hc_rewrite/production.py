@@ -53,19 +53,43 @@ def sinkhorn_eps(comb_logits: torch.Tensor, iters: int = SINKHORN_ITERS, hc_eps:
     return comb
 
 
+def mhc_eps_coeffs(w: torch.Tensor, phi, alpha, b_pre: torch.Tensor, b_post: torch.Tensor, b_res: torch.Tensor,
+                   rms_eps: float = RMS_EPS, hc_eps: float = HC_EPS, iters: int = SINKHORN_ITERS):
+    """DeepSeek-V4's (and GLM-5-Next's) coefficients of the stream ``w [..., n, D]`` from *our* parameter layout
+    (:class:`~hc_rewrite.variants.mhc.MHCParams`: ``phi [nD, (2+n)n]`` or ``None`` (static), ``alpha [3]``, ``b_pre``,
+    ``b_post``, ``b_res [out, in]``), in fp32 (or more): ``(h_pre, h_post, h_res)`` with ``h_res = comb^T``. The one
+    place of their math: :func:`deepseek_v4_coeffs` maps their layout here, the flavoured mHC variant
+    (``rewrite(..., flavour="deepseek-v4")``) calls it as its coefficient op."""
+    n = w.shape[-2]
+    b_pre, b_post, b_res = _acc(b_pre), _acc(b_post), _acc(b_res)
+    if phi is None:
+        pre_l, post_l, res_l = b_pre, b_post, b_res
+    else:
+        mixes = _rms_normed(w, rms_eps) @ _acc(phi)  # normalised, then projected: their order of rounding
+        a = _acc(alpha)
+        pre_l = mixes[..., :n] * a[0] + b_pre
+        post_l = mixes[..., n:2 * n] * a[1] + b_post
+        res_l = mixes[..., 2 * n:].unflatten(-1, (n, n)) * a[2] + b_res
+    h_pre = torch.sigmoid(pre_l) + hc_eps
+    h_post = 2 * torch.sigmoid(post_l)
+    comb = sinkhorn_eps(res_l.transpose(-1, -2), iters, hc_eps)  # theirs is comb[in, out]
+    return h_pre, h_post, comb.transpose(-1, -2)
+
+
+def collapse(w: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+    """Their branch input ``sum_i pre_i W_i``, products and sum in the coefficients' fp32 (a bf16 stream promoted),
+    cast back to the stream's dtype (ours, :func:`~hc_rewrite.ops.reference.stream_pre`, works in the stream's)."""
+    return (h_pre.unsqueeze(-1) * w).sum(dim=-2).to(w.dtype)
+
+
 def deepseek_v4_coeffs(w: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, *,
                        rms_eps: float = RMS_EPS, hc_eps: float = HC_EPS, iters: int = SINKHORN_ITERS):
-    """DeepSeek-V4's (and GLM-5-Next's) coefficients of the stream ``w [..., n, D]``, in fp32, in our orientation:
-    ``(h_pre [..., n], h_post [..., n], h_res [..., n, n])`` with ``h_res = comb^T`` (``h_res[out, in]``)."""
+    """DeepSeek-V4's (and GLM-5-Next's) coefficients of the stream ``w [..., n, D]`` from *their* parameters
+    (``fn``, ``base``, ``scale``), in fp32, in our orientation: ``(h_pre [..., n], h_post [..., n], h_res [..., n, n])``
+    with ``h_res = comb^T`` (``h_res[out, in]``)."""
     n = w.shape[-2]
-    mixes = F.linear(_rms_normed(w, rms_eps), _acc(fn))
-    pre_w, post_w, comb_w = mixes.split([n, n, n * n], dim=-1)
-    base, scale = _acc(base), _acc(scale)
-    pre_b, post_b, comb_b = base.split([n, n, n * n])
-    h_pre = torch.sigmoid(pre_w * scale[0] + pre_b) + hc_eps
-    h_post = 2 * torch.sigmoid(post_w * scale[1] + post_b)
-    comb = sinkhorn_eps(comb_w.unflatten(-1, (n, n)) * scale[2] + comb_b.view(n, n), iters, hc_eps)
-    return h_pre, h_post, comb.transpose(-1, -2)
+    phi, b_pre, b_post, b_res = _ours_of(fn, base, n)
+    return mhc_eps_coeffs(w, phi, scale, b_pre, b_post, b_res, rms_eps, hc_eps, iters)
 
 
 def hy_v4_coeffs(w: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, *,
@@ -87,11 +111,14 @@ def hyper_head(w: torch.Tensor, hc_fn: torch.Tensor, hc_base: torch.Tensor, hc_s
     """The learned collapse at the stream's end, ``[..., n, D] -> [..., D]``: DeepSeek-V4's ``HyperHead``
     (``norm_first``: RMSNorm, then the projection) or Hunyuan V4's (projection times the RMS factor)."""
     flat = w.flatten(-2).float()
-    if norm_first:
+    if hc_fn is None:  # a static head (hc_rewrite's flavour with dynamic=False): the biases alone
+        mixes = flat.new_zeros(())
+    elif norm_first:
         mixes = F.linear(_rms_normed(w, rms_eps), _acc(hc_fn))
     else:
         mixes = F.linear(flat, _acc(hc_fn)) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + rms_eps)
-    pre = torch.sigmoid(mixes * _acc(hc_scale) + _acc(hc_base)) + hc_eps
+    scale = _acc(hc_scale) if hc_scale is not None else 0.0
+    pre = torch.sigmoid(mixes * scale + _acc(hc_base)) + hc_eps
     return (pre.unsqueeze(-1) * w).sum(dim=-2).to(w.dtype)
 
 
@@ -100,6 +127,12 @@ def _res_block_permutation(n: int) -> torch.Tensor:
     """Index ``p`` with ``ours[..., p] = theirs`` for the ``n*n`` residual entries: ours flatten ``H_res[out, in]``,
     theirs ``comb[in, out]``."""
     return torch.arange(n * n).view(n, n).t().reshape(-1)
+
+
+def _ours_of(fn: torch.Tensor, base: torch.Tensor, n: int):
+    """Their ``fn [(2+n)n, nD]``, ``base [(2+n)n]`` as our ``(phi [nD, (2+n)n], b_pre, b_post, b_res [out, in])``."""
+    order = torch.cat([torch.arange(2 * n), 2 * n + _res_block_permutation(n)]).to(fn.device)
+    return fn[order].t(), base[:n], base[n:2 * n], base[2 * n:].view(n, n).t()
 
 
 def to_deepseek_v4(params) -> dict:

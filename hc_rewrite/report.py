@@ -59,6 +59,7 @@ class RewriteReport:
     check: str = ""  # why the numeric check did not run, if it did not (the meta device)
     shapes: str = "dynamic"  # the capture's shapes: "dynamic", or "static shapes: <why>" (specialised to the example)
     existing: list = field(default_factory=list)  # streams that already are hyper-connections (find_hyper_streams)
+    flavour: str = ""  # mHC's production flavour and its constants ("" for the paper's math)
 
     @property
     def rewritten(self) -> list:
@@ -90,6 +91,8 @@ class RewriteReport:
 
     def __str__(self) -> str:
         spec = f"{self.variant} n={self.n} {'dynamic' if self.dynamic else 'static'}"
+        if self.flavour:
+            spec += f" ({self.flavour})"
         lines = [
             f"hc_rewrite report: {self.model} -> {spec}, {self.form} form (captured with {self.capture})",
             f"{len(self.streams)} stream(s), {len(self.sites)} residual site(s): "

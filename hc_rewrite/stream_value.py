@@ -540,21 +540,25 @@ def site_pre(variant: str, iters: int, w, *coeff_args):
     return variants.get(variant).site_pre(eager, w, coeff_args, iters)
 
 
-def site_post(variant: str, w, y, h_post, h_res):
-    """The widened stream after a site and its reduction: ``(W', reduce(W'))`` (channels last)."""
+def site_post(variant: str, w, y, h_post, h_res, *head):
+    """The widened stream after a site and its reduction: ``(W', reduce(W'))`` (channels last); with ``head`` (the
+    last site's head parameters, where the stream ends in a learned collapse) ``(W', end(W'))``."""
     kind = variants.get(variant)
     w_new = kind.site_post(eager, w, y, h_post, h_res)
-    return w_new, kind.reduce(eager, w_new)
+    return w_new, (kind.end(eager, w_new, list(head)) if head else kind.reduce(eager, w_new))
 
 
 # ----------------------------------------------------------------------------- the site add (post)
 def _post(pending: _Pending, y: torch.Tensor, x: StreamValue, first: bool) -> StreamValue:
     info = pending.hook.info
+    # the stream's last site, where it ends in a learned collapse (production mHC's head): the readers after it read
+    # that, as plain tensors (in the graph form too, the head is what every reader after the last site reads)
+    head = pending.hook.params.head_args() if pending.extra == 0 else []
     with _plain():
         yl = _to_last(y, info).to(pending.w.dtype)
         h_res = pending.h_res if first else None
         math = pending.hook.compiled[1] if pending.hook.compiled else site_post
-        w_new, end = math(info.variant.name, pending.w, yl, pending.h_post, h_res)
+        w_new, end = math(info.variant.name, pending.w, yl, pending.h_post, h_res, *head)
         narrow = _from_last(end, info).to(torch.promote_types(x.dtype, y.dtype))
     # the position is recorded eagerly only (for the order check): compiled, every block shares one graph; a stream
     # with looped or functional sites needs it (they choose by position)
@@ -562,12 +566,14 @@ def _post(pending: _Pending, y: torch.Tensor, x: StreamValue, first: bool) -> St
     arm = getattr(x, "_hc_arm", None)
     if arm is not None and arm.hook is pending.hook:
         arm.done = True
+    if first and TRACE.on:
+        TRACE.added.append(pending.hook.name)
+    if head:
+        return narrow
     out = _wrap(narrow, info, None if info.variant.split else w_new, index)
     if pending.extra > 0:
         out._hc_pending = _Pending(pending.hook, w_new, pending.h_post, None, pending.branch_in, pending.extra - 1,
                                    continued=True)
-    if first and TRACE.on:
-        TRACE.added.append(pending.hook.name)
     return out
 
 
@@ -600,6 +606,10 @@ def _add(func, args, kwargs):
             target = a
             with _plain():  # through a plain alias: dynamo resets the class of a variable an in-place op mutates
                 target.view_as(target).copy_(out)
+            if not isinstance(out, StreamValue):  # the stream ended in its head: `target` holds a plain value now
+                if isinstance(target, StreamValue):
+                    target._hc_info = None
+                return target
             if not isinstance(target, StreamValue) and (func is torch.Tensor.__iadd__ or torch.compiler.is_compiling()):
                 # `y += x`: Python binds the name to what __iadd__ returns, no class change needed (under compile,
                 # dynamo hands `+=` over as add_: a statement `y.add_(x)` then loses the stream, which the next

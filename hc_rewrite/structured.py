@@ -21,6 +21,7 @@ from torch import nn
 
 from . import variants
 from .graph_utils import val
+from .variants.base import Connections
 from .spec import HCSpec
 from .stream_value import EntryHook, LoopEntryHook, StartHook, StreamInfo, aliased_inputs, plain_outputs
 
@@ -227,11 +228,15 @@ class Plan:
     streams: list = field(default_factory=list)
     version: int = PLAN_VERSION
     loop_params: str = "per-call"
+    flavour: str = "paper"
+    rms_eps: float | None = None
+    hc_eps: float = 1e-6
 
     @property
     def spec(self) -> HCSpec:
         return HCSpec(variant=self.variant, n=self.n, dynamic=self.dynamic,
-                      sinkhorn_iters=self.sinkhorn_iters, seed=self.seed, loop_params=self.loop_params)
+                      sinkhorn_iters=self.sinkhorn_iters, seed=self.seed, loop_params=self.loop_params,
+                      flavour=self.flavour, rms_eps=self.rms_eps, hc_eps=self.hc_eps)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -257,7 +262,8 @@ def build_plan(spec: HCSpec, streams, placements) -> Plan:
     from .passes.place_sites_on_modules import module_stack
 
     where = {p.site: p for p in placements}
-    plan = Plan(spec.variant, spec.n, spec.dynamic, spec.sinkhorn_iters, spec.seed, loop_params=spec.loop_params)
+    plan = Plan(spec.variant, spec.n, spec.dynamic, spec.sinkhorn_iters, spec.seed, loop_params=spec.loop_params,
+                flavour=spec.flavour, rms_eps=spec.rms_eps, hc_eps=spec.hc_eps)
     for stream in streams:
         ps = PlannedStream(id=stream.id, width=stream.width, feature_dim=stream.feature_dim,
                            rank=len(val(stream.root).shape))
@@ -306,9 +312,9 @@ def attach(model: nn.Module, plan: Plan) -> nn.Module:
     register()  # plain torch.compile(model) lowers the stream ops as backend="hc_rewrite" does
     dtype, device = _dtype_device(model)
     generator = torch.Generator().manual_seed(plan.seed)
-    holder = nn.Module()
+    holder = Connections()
     owner = _Owner()
-    variant = variants.get(spec.variant)
+    variant = variants.get(spec.variant_key)
     at: dict = {}  # entry path -> [(site, stream id, EntryHook)]
     for stream in plan.streams:
         info = StreamInfo(id=stream.id, width=stream.width, feature_dim=stream.feature_dim, rank=stream.rank,

@@ -477,3 +477,26 @@ def test_stream_starting_from_another_streams_value(variant):
     new.train()
     new(x2).pow(2).mean().backward()
     assert not [n for n, p in new.hc.named_parameters() if p.grad is None]
+
+
+def test_a_root_nn_sequential_keeps_working():
+    """``nn.Sequential`` calls every child in turn: ``model.hc`` (added last) hands its input back unchanged."""
+
+    class Block(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.norm, self.fc = nn.LayerNorm(d), nn.Linear(d, d)
+
+        def forward(self, x):
+            return x + self.fc(self.norm(x))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(16), Block(16), nn.LayerNorm(16)).eval()
+    x = torch.randn(2, 5, 16)
+    for variant in hc_rewrite.variants.NAMES:
+        new = hc_rewrite.rewrite(model, (x,), variant=variant)
+        assert type(new) is nn.Sequential and len(new.hc_report.rewritten) == 2
+        other = torch.randn(3, 4, 16)
+        with torch.no_grad():
+            assert rel_err(model(other), new(other)) < 1e-5
+            assert rel_err(model(other), moved_copy(new)(other)) > 1e-4  # the connections take part

@@ -31,7 +31,7 @@ from torchtitan.protocols.model import ModelConfigConverter
 from torchtitan.protocols.module import Module
 
 from .. import api
-from ..variants.base import ConnectionParams
+from ..variants.base import ConnectionParams, Connections
 
 #: FQN pattern of the connection parameters (``model.hc``) for torchtitan's optimizer ``ParamGroupConfig``.
 CONNECTIONS = r"^hc\."
@@ -49,13 +49,6 @@ def _titan(cls: type) -> type:
         out = type(f"Titan{cls.__name__}", (cls, Module), {"__module__": __name__})
         _titan_classes[cls] = out
     return out
-
-
-class Connections(nn.Module):
-    """The holder of the connection modules (``model.hc``): no parameters of its own."""
-
-    def forward(self, *args, **kwargs):  # pragma: no cover - never called, a container
-        raise RuntimeError("model.hc holds connection parameters; it is not called")
 
 
 def adapt(model: nn.Module) -> nn.Module:

@@ -21,7 +21,8 @@ ops, e.g. Frac ``split_fractions`` / ``merge_fractions``, ``frac_coeffs``, ``fra
 
 Stream-wise links (dropout, casts, ReLU, views, post-norm LayerNorm) are applied to the widened stream;
 every other reader of a stream value (a final norm, an output, ``output_hidden_states``) reads its
-reduction. Channels-first streams (conv nets, ``[B, C, H, W]``) are widened channels-last
+reduction; readers of the last site's output read the variant's ``end`` (production mHC's learned head,
+``hyper_head(W2, hc.s0_1.hc_fn, ...)``, where the last site's parameters have one). Channels-first streams (conv nets, ``[B, C, H, W]``) are widened channels-last
 (``[B, H, W, n, C]``): ``movedim`` at the stream's start, at each branch input and output, and at
 each reduction.
 The site math is the variant's (:class:`hc_rewrite.variants.base.Variant`: ``expand``, ``site_pre``,
@@ -38,6 +39,7 @@ from .. import variants
 from ..graph_utils import RELU_TARGETS, VIEW_TARGETS, val
 from ..ops.library import ops
 from ..sites import Stream, is_norm_link, link_input
+from ..variants.base import Connections
 
 _MOVEDIM = torch.ops.aten.movedim.int
 
@@ -71,7 +73,7 @@ def _emit_site(cur: _Cursor, spec, w: fx.Node, name: str, module: nn.Module, cha
     """Coefficients and branch input of one site; returns (branch_in, h_post, h_res)."""
     params = [None if p is None else cur.attr(f"hc.{name}.{p_name}")
               for p_name, p in zip(module.coeff_inputs, module.coeff_args())]
-    branch_in, h_post, h_res = variants.get(spec.variant).site_pre(cur.emit, w, params, spec.sinkhorn_iters)
+    branch_in, h_post, h_res = variants.get(spec.variant_key).site_pre(cur.emit, w, params, spec.sinkhorn_iters)
     if channel_first:
         branch_in = cur.call(_MOVEDIM, (branch_in, -1, 1))
     return branch_in, h_post, h_res
@@ -79,7 +81,7 @@ def _emit_site(cur: _Cursor, spec, w: fx.Node, name: str, module: nn.Module, cha
 
 def _emit_link(cur: _Cursor, spec, link: fx.Node, w: fx.Node) -> fx.Node:
     """The stream-wise op ``link`` applied to the widened stream ``w``."""
-    variant = variants.get(spec.variant)
+    variant = variants.get(spec.variant_key)
     if link.op == "call_module":
         return cur.module(link.target, (w,))
     if link.target in RELU_TARGETS:
@@ -103,10 +105,10 @@ def insert_hyper_connections(gm: fx.GraphModule, streams: list[Stream], spec, se
     if hasattr(gm, "hc"):
         raise ValueError("graph module already has an 'hc' submodule: was it rewritten already?")
     g = gm.graph
-    holder = nn.Module()
+    holder = Connections()
     gm.add_module("hc", holder)
     generator = torch.Generator().manual_seed(spec.seed if seed is None else seed)
-    variant = variants.get(spec.variant)
+    variant = variants.get(spec.variant_key)
     order = {node: i for i, node in enumerate(g.nodes)}
     dead, rewritten = [], 0
     # a value of an earlier stream that its readers now read reduced: a later stream that starts from it (the
@@ -120,6 +122,7 @@ def insert_hyper_connections(gm: fx.GraphModule, streams: list[Stream], spec, se
         start_in = cur.call(_MOVEDIM, (root, 1, -1)) if channel_first else root
         wide = {stream.root: variant.expand(cur.emit, start_in, spec.n)}
         ours = {wide[stream.root], start_in}
+        heads: dict = {}  # the last site's add -> (its parameter module's name, the module): a learned collapse
         for site in sorted(stream.sites, key=lambda s: order[s.add]):
             w = wide[site.skip]
             name = f"s{stream.id}_{site.index}"
@@ -127,6 +130,8 @@ def insert_hyper_connections(gm: fx.GraphModule, streams: list[Stream], spec, se
             params = variant.make_params(spec, stream.width, site.index, is_last, generator,
                                          dtype=root_val.dtype, device=root_val.device)
             holder.add_module(name, params)
+            if params.head_args():
+                heads[site.add] = (name, params)
             cur = _Cursor(g, w)
             branch_in, h_post, h_res = _emit_site(cur, spec, w, name, params, channel_first)
             skip = root if site.skip is stream.root else site.skip
@@ -166,7 +171,13 @@ def insert_hyper_connections(gm: fx.GraphModule, streams: list[Stream], spec, se
                     continue
                 if reduced is None:
                     rcur = _Cursor(g, w)
-                    reduced = variant.reduce(rcur.emit, w)
+                    if value in heads:  # where the stream ends: the variant's collapse with the last site's head
+                        name, params = heads[value]
+                        args = [None if p is None else rcur.attr(f"hc.{name}.{p_name}")
+                                for p_name, p in zip(params.head_inputs, params.head_args())]
+                        reduced = variant.end(rcur.emit, w, args)
+                    else:
+                        reduced = variant.reduce(rcur.emit, w)
                     if channel_first:
                         reduced = rcur.call(_MOVEDIM, (reduced, -1, 1))
                 user.replace_input_with(value, reduced)

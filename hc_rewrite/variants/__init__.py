@@ -10,7 +10,7 @@ its kernels if it has any.
 from __future__ import annotations
 
 from ..errors import SpecError
-from . import frac, hc, mhc
+from . import frac, hc, mhc, mhc_production
 from .base import ConnectionParams, Variant, eager
 
 _MODULES = (mhc, frac, hc)  # the order of NAMES: CLI choices, report columns, test parameters
@@ -20,8 +20,11 @@ NAMES: tuple = tuple(REGISTRY)
 
 
 def get(name: str) -> Variant:
-    """The registered variant called ``name``; :class:`~hc_rewrite.errors.SpecError` if there is none."""
+    """The registered variant called ``name`` (or a flavoured mHC's name, :func:`.mhc_production.key`);
+    :class:`~hc_rewrite.errors.SpecError` if there is none."""
     variant = REGISTRY.get(name)
+    if variant is None and (flavoured := mhc_production.parse(name)) is not None:
+        return mhc_production.variant(*flavoured)
     if variant is None:
         raise SpecError(f"unknown variant {name!r}: expected one of {', '.join(NAMES)}")
     return variant

@@ -57,6 +57,8 @@ class ConnectionParams(nn.Module):
 
     variant = ""
     coeff_inputs: tuple = ()
+    #: parameters of a learned collapse where the stream ends (``head_args()``; none: the variant's reduce)
+    head_inputs: tuple = ()
 
     def __init__(self, n: int, width: int, dynamic: bool):
         super().__init__()
@@ -66,8 +68,21 @@ class ConnectionParams(nn.Module):
         """The coefficient op's parameter arguments (``None`` for an absent parameter)."""
         return [getattr(self, name) for name in self.coeff_inputs]
 
+    def head_args(self) -> list:
+        """The arguments of the variant's :meth:`Variant.end` where the stream ends after this site (``[]``: none)."""
+        return []
+
     def extra_repr(self) -> str:
         return f"n={self.n}, width={self.width}, dynamic={self.dynamic}"
+
+
+class Connections(nn.Module):
+    """``model.hc``: the connection parameters of a rewritten model, one :class:`ConnectionParams` per site. It
+    computes nothing; a root ``nn.Sequential`` calls every child in turn, this one last, so it hands its input back
+    unchanged."""
+
+    def forward(self, x):
+        return x
 
 
 class Variant:
@@ -75,6 +90,8 @@ class Variant:
     once in the variant's module, registers the variant's own operators and resolves every op it names."""
 
     name = ""
+    #: the variant a user names (``"mhc"`` for every flavour of mHC)
+    family = ""
     summary = ""
     params: type = ConnectionParams
     #: ``False``: the widened stream is ``n`` copies whose mean is the reduced stream (mHC, HC); ``True``: ``n``
@@ -95,6 +112,7 @@ class Variant:
     fused_post_pre: str | None = None
 
     def __init__(self):
+        self.family = self.family or self.name
         for op_name, op in self.own_ops.items():
             define_op(op_name, op.schema, op.impl)
         names = (self.expand_name, self.reduce_name, self.coeff_name, self.pre_name, self.post_name)
@@ -146,6 +164,11 @@ class Variant:
     def reduce(self, emit, w):
         """``[..., n, row] -> [..., C]``: what every reader of the stream outside the sites sees."""
         return emit(self.reduce_op, w)
+
+    def end(self, emit, w, head_args):
+        """What the readers of the stream after its last site read: :meth:`reduce`, or a learned collapse with the
+        last site's ``head_args()`` (production mHC's head)."""
+        return self.reduce(emit, w)
 
     def coefficients(self, emit, w, coeff_args, sinkhorn_iters: int):
         """``(h_pre, h_post, h_res)`` of one site (``h_res`` is ``None`` without residual mixing)."""
