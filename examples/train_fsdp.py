@@ -89,8 +89,9 @@ def wrap(model, args, world: int):
     """Compile per decoder layer, activation checkpointing per layer, then FSDP2 per layer + root (or DDP).
 
     Compile first, then checkpoint: each layer is one graph that the layers share. The other order (checkpoint, then
-    compile the wrapper, as torchtitan does) gives the same numbers, but the checkpointed region of a rewritten model
-    runs eagerly there (a graph break; docs/design.md "Checkpointing inside a compiled region")."""
+    compile the wrapper with ``fullgraph=True``, as torchtitan does: examples/train_torchtitan.py) gives the same
+    numbers, the checkpointed region traced into the layer's graph (docs/design.md "Checkpointing inside a compiled
+    region")."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     layers = model.model.layers

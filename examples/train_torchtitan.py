@@ -3,8 +3,8 @@ selective activation checkpointing, per-block torch.compile, FSDP2 and a DCP che
 
 torchtitan 0.3's ``parallelize_llama`` does not run on CPU/gloo (it picks device 'cuda', and its FSDP setup needs
 ``ReduceOp.PREMUL_SUM``, which gloo lacks), so this script calls the APIs it calls, in its order:
-``SelectiveAC.apply`` (torchtitan), ``block.compile()`` per block (``fullgraph=False``: the checkpointed region of a
-rewritten model runs eagerly inside a compiled frame, see README), ``fully_shard`` per block then the root with
+``SelectiveAC.apply`` (torchtitan), torchtitan's own ``apply_compile`` (each block after its checkpointing, with
+``fullgraph=True``: one graph per block), ``fully_shard`` per block then the root with
 ``set_force_sum_reduction_for_comms(True)`` (torch); torchtitan's ``OptimizersContainer`` (with
 :func:`~hc_rewrite.integrations.torchtitan.param_groups`) and its checkpointer's ``ModelWrapper`` with ``dcp.save`` /
 ``dcp.load``, as its CheckpointManager does. The model is built the trainer's way: the
@@ -21,13 +21,16 @@ import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torchtitan.components.checkpointer.base import ModelWrapper
+from torchtitan.config import CompileConfig
 from torchtitan.components.optimizer.optimizer import OptimizersContainer
 from torchtitan.distributed.activation_checkpoint import SelectiveAC
+from torchtitan.distributed.compile import apply_compile
 from torchtitan.models.common.attention import ScaledDotProductAttention
 from torchtitan.models.llama3 import llama3_configs
 
@@ -72,9 +75,10 @@ def build(args):
 
 def parallelize(model, args, world: int):
     SelectiveAC(SelectiveAC.Config()).apply(model)
-    for block in model.layers.values():
-        if args.compile != "none":
-            block.compile(backend=args.compile)
+    if args.compile != "none":
+        # torchtitan's own per-block compile; of the parallel dims it reads only whether tensor parallelism is on
+        apply_compile(model, compile_config=CompileConfig(backend=args.compile),
+                      parallel_dims=SimpleNamespace(tp_enabled=False))
     if world > 1:
         from torch.distributed.fsdp import fully_shard
 

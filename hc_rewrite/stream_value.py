@@ -21,6 +21,7 @@ run on the ops ``torch.ops.hc_rewrite.*`` so that the ``hc_rewrite`` compile bac
 """
 from __future__ import annotations
 
+import inspect
 import types
 import weakref
 from dataclasses import dataclass, field
@@ -35,7 +36,13 @@ from .errors import HCRewriteError
 from .ops.library import ops
 from .variants import eager
 
-_plain = torch._C.DisableTorchFunctionSubclass
+def _plain():
+    """Subclass dispatch off, for the code that works on the plain tensors under a stream value. Under compile, torch
+    function modes too: dynamo, with a mode on the stack (:class:`CheckpointMode`), still offers calls to the
+    subclasses of their arguments while subclass dispatch is off (eager C++ does not), which would recurse."""
+    if torch.compiler.is_compiling():
+        return torch._C.DisableTorchFunction()
+    return torch._C.DisableTorchFunctionSubclass()
 
 
 class StreamError(HCRewriteError, RuntimeError):
@@ -702,23 +709,115 @@ def _view(func, args, kwargs):
 
 
 # ----------------------------------------------------------------------------- activation checkpointing under compile
+#: the keyword options of ``checkpoint`` itself (``use_reentrant``, ``context_fn``, ``early_stop``, ...); every other
+#: keyword goes to the checkpointed function
+_CHECKPOINT_OPTIONS = frozenset(
+    p.name for p in inspect.signature(torch.utils.checkpoint.checkpoint).parameters.values()
+    if p.kind is p.KEYWORD_ONLY) | {"preserve_rng_state"}
+
+
 def _checkpoint_eagerly(func, args, kwargs):
     return func(*args, **kwargs)
 
 
 _checkpoint_eagerly = torch._dynamo.disable(_checkpoint_eagerly, reason=(
     "hc_rewrite: activation checkpointing of a region that takes a residual stream value, inside a compiled region, "
-    "runs eagerly (a graph break). Dynamo traces the checkpointed body from StreamValue.__torch_function__, where "
-    "subclass dispatch is off: the site adds would not be rewritten. For one graph per block, compile inside the "
-    "checkpoint (compile each block, then wrap it) or leave checkpointing out of the compiled region"))
+    "nested in another checkpointed region (or called outside the rewritten model's forward, which enters "
+    "hc_rewrite's CheckpointMode): the region runs eagerly (a graph break). Dynamo would trace its body from "
+    "StreamValue.__torch_function__, where subclass dispatch is off: the site adds would not be rewritten. "
+    "Checkpoint the outer region only, or compile inside the checkpoint"))
 
 
 def _checkpoint(func, args, kwargs):
-    """``torch.utils.checkpoint.checkpoint`` on a stream value. Eager checkpointing is plain Python and never comes
-    here; under ``torch.compile`` dynamo hands the call here (a stream value is an argument) and would trace the
-    body with subclass dispatch off, so the region runs eagerly instead: a graph break, the eager numbers (with
-    ``fullgraph=True``, dynamo's error names the reason above)."""
+    """``torch.utils.checkpoint.checkpoint`` on a stream value, handed to the stream value itself: only dynamo does
+    that, when no :class:`CheckpointMode` took the call first (a region nested in a checkpointed region, where the
+    mode is off while its handler runs; a compiled block called outside the rewritten model's forward). The body would be traced with subclass dispatch off, so the region runs eagerly instead: a graph break,
+    the eager numbers (with ``fullgraph=True``, dynamo's error names the reason above)."""
     return _checkpoint_eagerly(func, args, kwargs)
+
+
+class CheckpointMode(torch.overrides.TorchFunctionMode):
+    """Activation checkpointing inside a compiled region, with the region's site adds rewritten.
+
+    Dynamo turns ``torch.utils.checkpoint.checkpoint(fn, x)`` into a higher-order op and first offers the call to
+    ``__torch_function__``: of a mode on the stack before a tensor subclass. A subclass's handler is traced with
+    subclass dispatch off (so the body would not see the site adds); a mode's is not. This mode takes the call when
+    an argument is a stream value, passes the stream values into the region as plain tensors (the narrow value and
+    the widened ``W``), makes them stream values again inside the body, and hands the body's stream values out the
+    same way: the region is traced as one with the user's code, the hooks and the site math, and checkpointed.
+    Everything else passes through untouched (eager ``checkpoint`` never dispatches: the mode only acts while dynamo
+    traces). The rewritten model's forward enters it (:func:`hc_rewrite.structured._rewritten_root_forward`)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.utils.checkpoint.checkpoint and any(_bound(v) for v in pytree.tree_leaves((args[1:], kwargs))):
+            return _checkpoint_through(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+_SLOTS = 6  # per leaf: value, W, and a pending site's W, h_post, h_res, branch input
+
+
+def _unwrap_streams(leaves) -> tuple:
+    """``(flat, metas)``: each leaf as :data:`_SLOTS` tensors or ``None`` (a stream value as a plain alias, its widened
+    stream and the tensors of a site it carries open: entry done, add to come) and its metadata as constants
+    (``None`` for anything else; else its stream, position and the open site's hook, ``extra``, ``continued``)."""
+    flat, metas = [], []
+    for v in leaves:
+        if not _bound(v):
+            metas.append(None)
+            flat += [v] + [None] * (_SLOTS - 1)
+            continue
+        pending = v._hc_pending
+        if pending is None:
+            metas.append((v._hc_info, v._hc_index, None))
+            flat += [_alias(v), v._hc_w, None, None, None, None]
+        else:
+            metas.append((v._hc_info, v._hc_index, (pending.hook, pending.extra, pending.continued)))
+            flat += [_alias(v), v._hc_w, pending.w, pending.h_post, pending.h_res, pending.branch_in]
+    return flat, metas
+
+
+def _rewrap_streams(flat, metas) -> list:
+    out = []
+    for i, meta in enumerate(metas):
+        value, w, pw, h_post, h_res, branch_in = flat[_SLOTS * i:_SLOTS * (i + 1)]
+        if meta is None:
+            out.append(value)
+            continue
+        info, index, open_site = meta
+        sv = _wrap(value, info, w, index)
+        if open_site is not None:
+            hook, extra, continued = open_site
+            sv._hc_pending = _Pending(hook, pw, h_post, h_res, branch_in, extra, continued)
+        out.append(sv)
+    return out
+
+
+def _checkpoint_through(func, args, kwargs):
+    """``checkpoint(fn, *args, **kwargs)`` (see :class:`CheckpointMode`): stream values cross the region's boundary as
+    plain tensors and come back as stream values on both sides, a site left open on either side included (the
+    branch's entry inside the region and its add after it, or the reverse)."""
+    fn = args[0]
+    options = {k: v for k, v in kwargs.items() if k in _CHECKPOINT_OPTIONS}
+    inputs = (args[1:], {k: v for k, v in kwargs.items() if k not in _CHECKPOINT_OPTIONS})
+    leaves, spec = pytree.tree_flatten(inputs)
+    flat, metas = _unwrap_streams(leaves)
+
+    def body(*flat_in):
+        rewrapped = _rewrap_streams(list(flat_in), metas)
+        call_args, call_kwargs = pytree.tree_unflatten(rewrapped, spec)
+        out_leaves, out_spec = pytree.tree_flatten(fn(*call_args, **call_kwargs))
+        out_flat, out_metas = _unwrap_streams(out_leaves)
+        # the inputs' open sites after the call (one opened inside, or closed by an add inside)
+        after_flat, after_metas = _unwrap_streams(rewrapped)
+        return (tuple(out_flat), tuple(after_flat)), (out_spec, tuple(out_metas), tuple(after_metas))
+
+    (out_flat, after_flat), (out_spec, out_metas, after_metas) = func(body, *flat, **options)
+    for leaf, after in zip(leaves, _rewrap_streams(list(after_flat), after_metas)):
+        if _bound(leaf):
+            leaf._hc_pending = after._hc_pending
+    return pytree.tree_unflatten(_rewrap_streams(list(out_flat), out_metas), out_spec)
 
 
 _ADD_FUNCS = [torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__]

@@ -23,7 +23,7 @@ from . import variants
 from .graph_utils import val
 from .variants.base import Connections
 from .spec import HCSpec
-from .stream_value import EntryHook, LoopEntryHook, StartHook, StreamInfo, aliased_inputs, plain_outputs
+from .stream_value import CheckpointMode, EntryHook, LoopEntryHook, StartHook, StreamInfo, aliased_inputs, plain_outputs
 
 PLAN_VERSION = 1
 #: Attribute set on every parameter of a model :func:`attach` made: the compile backend recognises the graphs
@@ -59,10 +59,13 @@ def mark_parameters(model: nn.Module) -> None:
 
 def _rewritten_root_forward(self, *args, **kwargs):
     """The forward of a rewritten root (bound to it by :func:`pin_forward`): the class's own ``forward`` on aliases
-    of the caller's tensors, handing back plain tensors. Inside ``forward``, not in root hooks: ``torch.compile`` of a
-    module runs the module's own hooks as frames of their own (three graphs for one model)."""
+    of the caller's tensors, handing back plain tensors, inside a :class:`~hc_rewrite.stream_value.CheckpointMode`
+    (activation checkpointing inside compiled blocks; it passes everything else through: no cost measured in eager).
+    Inside ``forward``, not in root hooks: ``torch.compile`` of a module runs the module's own hooks as frames of
+    their own (three graphs for one model)."""
     args, kwargs = aliased_inputs(args, kwargs)
-    return plain_outputs(type(self).forward(self, *args, **kwargs))
+    with CheckpointMode():
+        return plain_outputs(type(self).forward(self, *args, **kwargs))
 
 
 _ROOT_FORWARDS: dict = {}

@@ -139,3 +139,25 @@ def test_structure_preserving_form_exports_with_its_trained_weights(name, built,
     got = run_onnx(path, dict(zip(names, tensors)))
     assert max_relative_error(got[0], expected[0]) <= RTOL
     assert max_relative_error(base[0], expected[0]) > 1e-3  # the moved weights do matter
+
+
+def test_production_flavour_exports_with_its_head(built, tmp_path):
+    """``flavour="deepseek-v4"``: their coefficient op, fp32 collapse and learned head decompose to standard ONNX ops
+    and run in onnxruntime with the PyTorch outputs, connections moved off their init (so the head counts)."""
+    from .helpers import moved_copy
+
+    entry = ZOO["llama"]
+    gen = torch.Generator().manual_seed(0)
+    args, kwargs = entry.inputs(batch=EXPORT_BATCH, seq=EXPORT_SEQ, generator=gen)
+    model = moved_copy(hc_rewrite.rewrite(built("llama"), args, kwargs, variant="mhc", flavour="deepseek-v4",
+                                          form="graph"))
+    path = export_onnx(model, args, tmp_path / "llama_dsv4.onnx", example_kwargs=kwargs)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    for batch, seq in ((1, 5), (3, 13)):
+        a2, k2 = entry.inputs(batch=batch, seq=seq, generator=gen)
+        with torch.no_grad():
+            expected = _tensor_leaves(model(*a2, **k2))
+        got = run_onnx(path, k2)
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            assert max_relative_error(g, e) <= RTOL

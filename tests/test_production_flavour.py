@@ -23,23 +23,7 @@ from hc_rewrite.variants import eager
 from hc_rewrite.variants.mhc_production import MHCProductionParams, key
 
 from .helpers import hc_targets, moved_copy, rel_err
-
-N, D = 4, 8
-
-
-def _randomise(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g))
-    return module
-
-
-def _stream(seed=1, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(2, 3, N, D, generator=g).to(dtype).requires_grad_()
-    return w, torch.randn(2, 3, D, generator=g).to(dtype)
-
+from .test_production_parity import D, N, _randomise, _stream
 
 def _site_modules(model, config_kw):
     if model == "deepseek_v4":

@@ -24,9 +24,11 @@ def _randomise(module, seed=0):
     return module
 
 
-def _stream(seed=1):
+def _stream(seed=1, dtype=torch.float32):
+    """A widened stream ``[2, 3, N, D]`` that requires grad and a branch output ``[2, 3, D]``."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(2, 3, N, D, generator=g).requires_grad_(), torch.randn(2, 3, D, generator=g)
+    w = torch.randn(2, 3, N, D, generator=g).to(dtype).requires_grad_()
+    return w, torch.randn(2, 3, D, generator=g).to(dtype)
 
 
 def _close_with_grads(theirs, ours, inputs, tol=1e-6):
