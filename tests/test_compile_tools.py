@@ -216,3 +216,32 @@ def test_generate_of_a_compiled_model_gives_the_eager_tokens_and_scores(variant)
     got = compiled.generate(ids, **gen)
     assert torch.equal(ref.sequences, got.sequences)
     assert max(rel_err(a, b) for a, b in zip(ref.scores, got.scores)) <= 1e-5
+
+
+def test_hf_gradient_checkpointing_under_a_whole_model_fullgraph_compile():
+    """HF's own per-layer checkpointing inside ``torch.compile(model, fullgraph=True)``: one graph, eager's values and
+    gradients. (HF's forward writes a context variable in the checkpointed layer, which dynamo refuses for the plain
+    model too unless ``skip_fwd_side_effects_in_bwd_under_checkpoint`` is on, as torchtitan sets it.)"""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=4, use_cache=False)
+    model = transformers.LlamaForCausalLM(config)
+    new = moved_copy(hc_rewrite.rewrite(model, (torch.randint(0, 64, (2, 7)),), variant="mhc")).train()
+    x = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(1))
+
+    def run(m):
+        m.zero_grad(set_to_none=True)
+        out = m(x).logits
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(0))).sum().backward()
+        return out.detach(), {k.replace("_orig_mod.", ""): p.grad.clone() for k, p in m.named_parameters()}
+
+    ref = run(new)
+    checkpointed = copy.deepcopy(new)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        explained = torch._dynamo.explain(checkpointed)(x)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+        _assert_same(run(torch.compile(checkpointed, fullgraph=True, backend=BACKEND)), ref)
