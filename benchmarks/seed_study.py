@@ -279,15 +279,16 @@ def plot_lm(runs: dict, summary: dict, path: Path, title: str) -> None:
     axes[1].set_title("validation loss minus residual's (same seed): mean, 95 % CI")
     for ax in axes[:2]:
         ax.set_xlabel("training tokens (M)")
-    order = [v for v in VARIANTS if v in summary]
+    order = [v for v in VARIANTS if v in summary and "diff" in summary[v]]
     for i, variant in enumerate(order):
-        finals = [runs[variant][s]["final_val_loss"] for s in sorted(runs[variant])]
-        axes[2].scatter([i] * len(finals), finals, color=COLORS[variant], s=18)
-        stat = summary[variant]["final"]
+        diffs = list(summary[variant]["diff_by_seed"].values())
+        axes[2].scatter([i] * len(diffs), diffs, color=COLORS[variant], s=18)
+        stat = summary[variant]["diff"]
         axes[2].errorbar([i + 0.15], [stat["mean"]], yerr=[[stat["mean"] - stat["lo"]], [stat["hi"] - stat["mean"]]]
                          if stat["n"] > 1 else None, fmt="o", color=COLORS[variant], capsize=4)
+    axes[2].axhline(0.0, color="black", linewidth=1)
     axes[2].set_xticks(range(len(order)), [LABELS[v] for v in order])
-    axes[2].set_title("final validation loss: each seed, mean and 95 % CI")
+    axes[2].set_title("final validation loss minus residual's: each seed, mean and 95 % CI")
     for ax in axes:
         ax.grid(alpha=0.3)
     for ax in axes[:2]:
