@@ -136,9 +136,9 @@ def hc_rewrite_backend(gm: fx.GraphModule, example_inputs, *, options: dict | No
     if piece and not _NOTED:
         _NOTED.append(True)
         log.warning("hc_rewrite backend: a graph without stream ops, from a model of the structure-preserving form "
-                    "(a block without a site, or a piece between graph breaks: activation checkpointing inside the "
-                    "compiled region runs eagerly). Compiled whole, or block by block, such a model is one graph "
-                    "with its stream ops in it")
+                    "(a block without a site, or a piece between graph breaks: a checkpointed region nested in "
+                    "another inside the compiled region runs eagerly). Compiled whole, or block by block, such a "
+                    "model is one graph with its stream ops in it")
     lowered = lower(gm, everywhere=ours["fuse"] == "all", combos=ours["combos"], kernels=bool(ours["fuse"]),
                     decompose=bool(ours["decompose"]), recompute=bool(ours["recompute"])) if nodes else 0
     log.info("hc_rewrite backend: %d stream ops, %d fused, swapped or decomposed", len(nodes), lowered)

@@ -731,8 +731,9 @@ _checkpoint_eagerly = torch._dynamo.disable(_checkpoint_eagerly, reason=(
 def _checkpoint(func, args, kwargs):
     """``torch.utils.checkpoint.checkpoint`` on a stream value, handed to the stream value itself: only dynamo does
     that, when no :class:`CheckpointMode` took the call first (a region nested in a checkpointed region, where the
-    mode is off while its handler runs; a compiled block called outside the rewritten model's forward). The body would be traced with subclass dispatch off, so the region runs eagerly instead: a graph break,
-    the eager numbers (with ``fullgraph=True``, dynamo's error names the reason above)."""
+    mode is off while its handler runs; a compiled block called outside the rewritten model's forward). The body
+    would be traced with subclass dispatch off, so the region runs eagerly instead: a graph break, the eager numbers
+    (with ``fullgraph=True``, dynamo's error names the reason above)."""
     return _checkpoint_eagerly(func, args, kwargs)
 
 

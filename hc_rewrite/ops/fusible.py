@@ -20,8 +20,9 @@ Here, with the same functions of the reference and other contractions passed in:
   iterations' ``exp`` and ``log`` ran one float at a time, with the tokens innermost they run 16 at a time and
   the sums over a row or column are unrolled.
 
-mHC's ``RMSNorm(vec(W)) @ phi`` is already written that way in the reference (:func:`~hc_rewrite.ops.reference.rms_project`:
-the scale is applied after the product, which is also the fastest eager form).
+mHC's ``RMSNorm(vec(W)) @ phi`` applies the scale after the product already in the reference
+(:func:`~hc_rewrite.ops.reference.rms_project`, also the fastest eager form); its fusible form
+(:func:`narrow_rms_project`) computes the product's three matmuls in the narrow orientations too.
 
 :data:`FUSIBLE` maps each op name of ``torch.ops.hc_rewrite`` to its fusible form, where it has one; the pass
 :mod:`hc_rewrite.passes.decompose_stream_ops` puts them into the graphs the ``hc_rewrite`` backend hands to
@@ -84,9 +85,16 @@ def tokens_last_sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     return ref.sinkhorn_log(z, iters, dims=(1, 0)).permute(2, 0, 1).reshape(logits.shape)
 
 
+def narrow_rms_project(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`~hc_rewrite.ops.reference.rms_project` with its product through :func:`narrow_matmul` (mHC's
+    ``[tokens, n*C] x [n*C, 2n + n*n]``: 24 columns at n=4)."""
+    return ref.rms_project(x, weight, eps, matmul=narrow_matmul)
+
+
 def mhc_coeffs(w, phi, alpha, b_pre, b_post, b_res, eps, iters):
-    """The ``mhc_coeffs`` operator, Sinkhorn with the tokens innermost."""
-    return mhc_coeffs_op(w, phi, alpha, b_pre, b_post, b_res, eps, iters, sinkhorn=tokens_last_sinkhorn)
+    """The ``mhc_coeffs`` operator, Sinkhorn with the tokens innermost, the projection in the narrow orientations."""
+    return mhc_coeffs_op(w, phi, alpha, b_pre, b_post, b_res, eps, iters, sinkhorn=tokens_last_sinkhorn,
+                         project=narrow_rms_project)
 
 
 def stream_post(w, y, h_post, h_res):
@@ -121,4 +129,5 @@ FUSIBLE = {
     "merge_fractions": ref.merge_fractions,
 }
 
-__all__ = ["FUSIBLE", "unrolled_matmul", "narrow_matmul", "centered_ln_project", "tokens_last_sinkhorn"]
+__all__ = ["FUSIBLE", "unrolled_matmul", "narrow_matmul", "centered_ln_project", "narrow_rms_project",
+           "tokens_last_sinkhorn"]

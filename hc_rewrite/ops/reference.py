@@ -96,12 +96,13 @@ def sinkhorn_log(logits: torch.Tensor, iters: int = SINKHORN_ITERS, dims: tuple 
     return z.exp()
 
 
-def rms_project(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def rms_project(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, matmul=torch.matmul) -> torch.Tensor:
     """``RMSNorm(x) @ weight`` (RMSNorm without a weight over the last dim: a weight would be redundant with the
     projection), with the per-row scale applied after the product: the same math, but the normalised copy of ``x``
-    is never made (eager or compiled, the product reads ``x`` itself)."""
+    is never made (eager or compiled, the product reads ``x`` itself). ``matmul``: how the product is computed
+    (:mod:`hc_rewrite.ops.fusible` passes the orientations a CPU BLAS is fastest at for a handful of columns)."""
     x = _acc(x)
-    return (x @ _acc(weight)) * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return matmul(x, _acc(weight)) * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
 
 
 def ln_project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
