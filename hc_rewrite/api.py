@@ -72,25 +72,28 @@ def _report(model, spec, captured, sites, streams, form, new_parameters, init_re
 def _describe_flavour(spec) -> str:
     if spec.flavour == "paper":
         return ""
-    collapse = "a learned head where each stream ends" if spec.flavour == "deepseek-v4" else "the mean"
+    from .variants.mhc_production import FLAVOURS
+
+    collapse = "a learned head where each stream ends" if FLAVOURS[spec.flavour] else "the mean"
     return (f"{spec.flavour}: rms_eps {spec.rms_eps:g} ({spec.rms_eps_source or 'given'}), "
             f"hc_eps {spec.hc_eps:g}, collapse by {collapse}")
 
 
 def model_rms_eps(model) -> tuple:
     """``(eps, where)``: the RMS normalisation eps of ``model`` for production mHC: its HF config's
-    ``rms_norm_eps``, else the ``eps`` (``variance_epsilon``) of its first RMSNorm module (``nn.RMSNorm`` or a class named so), else DeepSeek-V4's
-    default."""
+    ``rms_norm_eps``, else the ``eps`` (``variance_epsilon``) of its first RMSNorm module (``nn.RMSNorm`` or a class named so), else
+    DeepSeek-V4's default."""
     from .production import RMS_EPS
 
-    value = getattr(getattr(model, "config", None), "rms_norm_eps", None)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if number(value := getattr(getattr(model, "config", None), "rms_norm_eps", None)):
         return float(value), "config.rms_norm_eps"
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.RMSNorm) or "rmsnorm" in type(m).__name__.lower():
             for attr in ("eps", "variance_epsilon"):
-                value = getattr(m, attr, None)
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if number(value := getattr(m, attr, None)):
                     return float(value), f"{name}.{attr}"
     return RMS_EPS, "DeepSeek-V4's default: the model has no RMSNorm"
 

@@ -129,10 +129,15 @@ def _res_block_permutation(n: int) -> torch.Tensor:
     return torch.arange(n * n).view(n, n).t().reshape(-1)
 
 
+def _column_order(n: int) -> torch.Tensor:
+    """Index of the ``(2+n)n`` coefficient columns between the layouts (an involution: the same both ways): pre and
+    post in place, the residual block transposed (:func:`_res_block_permutation`)."""
+    return torch.cat([torch.arange(2 * n), 2 * n + _res_block_permutation(n)])
+
+
 def _ours_of(fn: torch.Tensor, base: torch.Tensor, n: int):
     """Their ``fn [(2+n)n, nD]``, ``base [(2+n)n]`` as our ``(phi [nD, (2+n)n], b_pre, b_post, b_res [out, in])``."""
-    order = torch.cat([torch.arange(2 * n), 2 * n + _res_block_permutation(n)]).to(fn.device)
-    return fn[order].t(), base[:n], base[n:2 * n], base[2 * n:].view(n, n).t()
+    return fn[_column_order(n).to(fn.device)].t(), base[:n], base[n:2 * n], base[2 * n:].view(n, n).t()
 
 
 def to_deepseek_v4(params) -> dict:
@@ -150,8 +155,7 @@ def to_deepseek_v4(params) -> dict:
     base = torch.cat([params.b_pre.detach().float(), params.b_post.detach().float(), res])
     if params.phi is not None:
         phi = params.phi.detach().float()
-        cols = torch.cat([torch.arange(2 * n), 2 * n + _res_block_permutation(n)]) if params.b_res is not None \
-            else torch.arange(2 * n)
+        cols = _column_order(n) if params.b_res is not None else torch.arange(2 * n)
         fn[: cols.numel()] = phi[:, cols].t()
         scale[: params.alpha.numel()] = params.alpha.detach().float()
     return {"fn": fn, "base": base, "scale": scale}
@@ -167,12 +171,12 @@ def from_deepseek_v4(fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, 
     if (2 + n) * n != k or tuple(fn.shape) != (k, n * width):
         raise ValueError(f"not a DeepSeek-V4 connection of width {width}: fn {tuple(fn.shape)}, base {k}")
     params = MHCParams(n, width, dynamic, has_res=True, dtype=torch.float32, device=fn.device)
+    phi, b_pre, b_post, b_res = _ours_of(fn.float(), base, n)
     with torch.no_grad():
-        params.b_pre.copy_(base[:n])
-        params.b_post.copy_(base[n:2 * n])
-        params.b_res.copy_(base[2 * n:].view(n, n).t())
+        params.b_pre.copy_(b_pre)
+        params.b_post.copy_(b_post)
+        params.b_res.copy_(b_res)
         if dynamic:
-            order = torch.cat([torch.arange(2 * n), 2 * n + _res_block_permutation(n)])
-            params.phi.copy_(fn.float()[torch.argsort(order)].t())
+            params.phi.copy_(phi)
             params.alpha.copy_(scale.float())
     return params

@@ -9,7 +9,7 @@ from .errors import SpecError
 
 LOOP_PARAMS = ("per-call", "per-module")
 #: mHC flavours: the paper's math, or the production models' (:mod:`hc_rewrite.variants.mhc_production`)
-FLAVOURS = ("paper", "deepseek-v4", "glm5-next")
+FLAVOURS = ("paper", *variants.mhc_production.FLAVOURS)
 
 
 @dataclass(frozen=True)
@@ -60,10 +60,9 @@ class HCSpec:
         """The registry name of the variant this spec computes (a flavoured mHC's carries its constants)."""
         if self.flavour == "paper":
             return self.variant
-        from .variants import mhc_production
-
-        rms = mhc_production.production.RMS_EPS if self.rms_eps is None else self.rms_eps
-        return mhc_production.key(self.flavour, rms, self.hc_eps)
+        made = variants.mhc_production
+        rms = made.production.RMS_EPS if self.rms_eps is None else self.rms_eps
+        return made.key(self.flavour, rms, self.hc_eps)
 
     def check_width(self, width: int, where: str = "the residual stream") -> None:
         """Whether a stream of feature width ``width`` fits the variant (Frac: it splits evenly into ``n``)."""

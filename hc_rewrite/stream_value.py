@@ -769,13 +769,9 @@ def _unwrap_streams(leaves) -> tuple:
             metas.append(None)
             flat += [v] + [None] * (_SLOTS - 1)
             continue
-        pending = v._hc_pending
-        if pending is None:
-            metas.append((v._hc_info, v._hc_index, None))
-            flat += [_alias(v), v._hc_w, None, None, None, None]
-        else:
-            metas.append((v._hc_info, v._hc_index, (pending.hook, pending.extra, pending.continued)))
-            flat += [_alias(v), v._hc_w, pending.w, pending.h_post, pending.h_res, pending.branch_in]
+        p = v._hc_pending
+        metas.append((v._hc_info, v._hc_index, None if p is None else (p.hook, p.extra, p.continued)))
+        flat += [_alias(v), v._hc_w] + ([None] * 4 if p is None else [p.w, p.h_post, p.h_res, p.branch_in])
     return flat, metas
 
 

@@ -69,10 +69,14 @@ class _Cursor:
         return self.call(target, args)
 
 
+def _param_nodes(cur: _Cursor, name: str, names, values) -> list:
+    """``get_attr`` nodes of the parameters ``names`` of ``hc.<name>`` (``None`` where the parameter is absent)."""
+    return [None if p is None else cur.attr(f"hc.{name}.{p_name}") for p_name, p in zip(names, values)]
+
+
 def _emit_site(cur: _Cursor, spec, w: fx.Node, name: str, module: nn.Module, channel_first: bool):
     """Coefficients and branch input of one site; returns (branch_in, h_post, h_res)."""
-    params = [None if p is None else cur.attr(f"hc.{name}.{p_name}")
-              for p_name, p in zip(module.coeff_inputs, module.coeff_args())]
+    params = _param_nodes(cur, name, module.coeff_inputs, module.coeff_args())
     branch_in, h_post, h_res = variants.get(spec.variant_key).site_pre(cur.emit, w, params, spec.sinkhorn_iters)
     if channel_first:
         branch_in = cur.call(_MOVEDIM, (branch_in, -1, 1))
@@ -173,8 +177,7 @@ def insert_hyper_connections(gm: fx.GraphModule, streams: list[Stream], spec, se
                     rcur = _Cursor(g, w)
                     if value in heads:  # where the stream ends: the variant's collapse with the last site's head
                         name, params = heads[value]
-                        args = [None if p is None else rcur.attr(f"hc.{name}.{p_name}")
-                                for p_name, p in zip(params.head_inputs, params.head_args())]
+                        args = _param_nodes(rcur, name, params.head_inputs, params.head_args())
                         reduced = variant.end(rcur.emit, w, args)
                     else:
                         reduced = variant.reduce(rcur.emit, w)

@@ -90,8 +90,6 @@ class Variant:
     once in the variant's module, registers the variant's own operators and resolves every op it names."""
 
     name = ""
-    #: the variant a user names (``"mhc"`` for every flavour of mHC)
-    family = ""
     summary = ""
     params: type = ConnectionParams
     #: ``False``: the widened stream is ``n`` copies whose mean is the reduced stream (mHC, HC); ``True``: ``n``
@@ -112,7 +110,6 @@ class Variant:
     fused_post_pre: str | None = None
 
     def __init__(self):
-        self.family = self.family or self.name
         for op_name, op in self.own_ops.items():
             define_op(op_name, op.schema, op.impl)
         names = (self.expand_name, self.reduce_name, self.coeff_name, self.pre_name, self.post_name)

@@ -28,7 +28,7 @@ from .. import production
 from ..errors import SpecError
 from ..ops.reference import logit
 from .base import OpDef, Variant, stream_op
-from .mhc import MHC_RES_DIAGONAL, MHCParams
+from .mhc import MHC, MHC_RES_DIAGONAL, MHCParams
 
 #: flavours and whether the stream ends in a learned head
 FLAVOURS = {"deepseek-v4": True, "glm5-next": False}
@@ -111,7 +111,6 @@ def parse(name: str):
 class MHCProduction(Variant):
     """One flavour of production mHC with its constants (module docstring)."""
 
-    family = "mhc"
     summary = "mHC as DeepSeek-V4 / GLM-5-Next compute it"
     params = MHCProductionParams
     coeff_name, pre_name = "mhc_eps_coeffs", "mhc_collapse"
@@ -134,9 +133,7 @@ class MHCProduction(Variant):
         super().__init__()
         self.head_op = stream_op("hyper_head")
 
-    def check_n(self, n):
-        if n < 2:
-            raise SpecError("mhc needs n >= 2")
+    check_n = MHC.check_n  # the same reason: H_pre alone cannot give back the stream with one copy
 
     def expand_args(self, n):
         return (n, 0.0)  # identical copies, as theirs
