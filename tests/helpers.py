@@ -71,3 +71,17 @@ def moved_copy(new, seed: int = 0):
         for p in out.hc.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     return out
+
+
+class CountingBackend:
+    """A ``torch.compile`` backend counting the graphs dynamo hands it; runs them eagerly, or through the named
+    ``backend``. With ``fullgraph=True`` a graph break raises, so ``graphs == 1`` after one call is what
+    ``torch._dynamo.explain`` would report as 1 graph and 0 breaks, for one trace instead of two."""
+
+    def __init__(self, backend: str | None = None):
+        self.graphs = 0
+        self.inner = torch._dynamo.lookup_backend(backend) if backend else None
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return self.inner(gm, example_inputs) if self.inner else gm.forward

@@ -21,7 +21,7 @@ import hc_rewrite
 from benchmarks.e2e import GPTStack
 from hc_rewrite.zoo import ZOO
 
-from .helpers import moved_copy, rel_err
+from .helpers import CountingBackend, moved_copy, rel_err
 
 VARIANTS = ("mhc", "frac", "hc")
 BACKEND = "aot_eager"
@@ -121,12 +121,12 @@ def test_checkpointed_blocks_compile_to_graphs_they_share(order):
     checkpointed, each once more for the recompute in backward (it runs outside the model's forward, without its
     CheckpointMode on the torch function mode stack, which dynamo guards)."""
     counts = {}
-    for layers in (3, 6):
+    for layers in (3, 4):
         torch.manual_seed(0)
         model = GPTStack(32, layers).train()
         new = hc_rewrite.rewrite(model, (torch.randn(2, 8, 32),), variant="mhc", n=4)
         counts[layers] = _block_graphs(new, order)
-    assert counts[3] == counts[6] <= (3 if order == "checkpoint-then-compile" else 6)
+    assert counts[3] == counts[4] <= (3 if order == "checkpoint-then-compile" else 6)
 
 
 class _SplitRegion(torch.nn.Module):
@@ -194,10 +194,9 @@ def test_peft_lora_under_compile_is_one_graph_with_eager_gradients(variant):
     ref_loss, ref_grads = run(lora)
     assert ref_grads and all("lora_" in k for k in ref_grads)
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(lora)(ids, labels=ids)
-    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
-    torch._dynamo.reset()
-    loss, grads = run(torch.compile(lora, backend=BACKEND, fullgraph=True))
+    backend = CountingBackend(BACKEND)
+    loss, grads = run(torch.compile(lora, backend=backend, fullgraph=True))  # a graph break raises
+    assert backend.graphs == 1
     assert rel_err(ref_loss, loss) <= 1e-5
     for k in ref_grads:
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=k)
@@ -242,6 +241,6 @@ def test_hf_gradient_checkpointing_under_a_whole_model_fullgraph_compile():
     checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch._dynamo.reset()
     with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
-        explained = torch._dynamo.explain(checkpointed)(x)
-        assert (explained.graph_count, explained.graph_break_count) == (1, 0)
-        _assert_same(run(torch.compile(checkpointed, fullgraph=True, backend=BACKEND)), ref)
+        backend = CountingBackend(BACKEND)
+        _assert_same(run(torch.compile(checkpointed, fullgraph=True, backend=backend)), ref)
+        assert backend.graphs == 1

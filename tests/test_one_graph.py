@@ -1,8 +1,8 @@
 """The user's model, rewritten, compiles as one graph (issue 21, part 1).
 
 ``torch.compile(new, fullgraph=True)`` of the structure-preserving form traces the stream machinery (start, entry
-and post of every site) into the model's graph: ``torch._dynamo.explain`` shows 1 graph and 0 breaks; values and
-gradients equal eager; per-block compile (``layer.compile(fullgraph=True)`` on every block, as torchtitan does)
+and post of every site) into the model's graph: 1 graph (a counting backend), 0 breaks (``fullgraph`` raises at
+one); values and gradients equal eager; per-block compile (``layer.compile(fullgraph=True)`` on every block, as torchtitan does)
 compiles one graph that the blocks share; another batch size and sequence length cost at most one recompile.
 Graph counts do not depend on the backend: these run on ``aot_eager`` (Inductor's own tests are elsewhere).
 """
@@ -16,7 +16,7 @@ import torch
 import hc_rewrite
 from hc_rewrite.zoo import ZOO
 
-from .helpers import moved_copy, rel_err
+from .helpers import CountingBackend, moved_copy, rel_err
 
 TOL = 1e-5
 
@@ -65,24 +65,14 @@ def _assert_grads_close(grads, ref_grads):
 def test_whole_model_is_one_graph_with_eager_values_and_gradients(name, variant):
     new = _rewrite(name, variant)
     args, kwargs = ZOO[name].inputs(3, 6, torch.Generator().manual_seed(7))  # not the capture's shape
-    torch._dynamo.reset()
-    explained = torch._dynamo.explain(new)(*args, **kwargs)
-    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     ref, ref_grads = _loss_and_grads(new, args, kwargs)  # eval mode: no dropout draw to differ
     torch._dynamo.reset()
-    compiled = torch.compile(new, backend="aot_eager", fullgraph=True)
+    backend = CountingBackend("aot_eager")
+    compiled = torch.compile(new, backend=backend, fullgraph=True)  # a graph break raises
     got, grads = _loss_and_grads(compiled, args, kwargs)
+    assert backend.graphs == 1
     assert rel_err(got, ref) <= TOL
     _assert_grads_close(grads, ref_grads)
-
-
-class _Counting:
-    def __init__(self):
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return gm.forward
 
 
 @pytest.mark.parametrize("variant", ["mhc", "frac", "hc"])
@@ -101,7 +91,7 @@ def test_per_block_compile_shares_one_graph_across_blocks(variant):
     new = moved_copy(hc_rewrite.rewrite(model, (ids,), variant=variant, n=4))
     ref, ref_grads = _loss_and_grads(new, (ids,), {"use_cache": False})
     torch._dynamo.reset()
-    backend = _Counting()
+    backend = CountingBackend()
     for layer in new.model.layers:
         layer.compile(backend=backend, fullgraph=True)
     got, grads = _loss_and_grads(new, (ids,), {"use_cache": False})
@@ -115,7 +105,7 @@ def test_other_batch_and_sequence_cost_at_most_one_recompile():
     (sizes of 1 specialise in torch itself, for the original model too: not used here)."""
     new = _rewrite("llama", "mhc")
     torch._dynamo.reset()
-    backend = _Counting()
+    backend = CountingBackend()
     compiled = torch.compile(new, backend=backend, fullgraph=True)
     for batch, seq in ((2, 8), (3, 5), (4, 13), (5, 7)):
         ids = torch.randint(0, new.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seq))
