@@ -80,9 +80,24 @@ def _wrap(model, order, context_fn=None, fullgraph=True):
     return model
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("sac", [False, True], ids=["ac", "sac"])
-@pytest.mark.parametrize("order", ["eager", "compile-then-checkpoint", "checkpoint-then-compile"])
+ORDERS = ("eager", "compile-then-checkpoint", "checkpoint-then-compile")
+#: variant x order, each with AC or SAC so that every (variant, AC/SAC) and (order, AC/SAC) pair occurs too: a pairwise
+#: covering array of the 18-case product (torchtitan's order, checkpoint then compile, with SAC for mHC)
+CHECKPOINT_CASES = [
+    ("mhc", True, ORDERS[0]), ("mhc", False, ORDERS[1]), ("mhc", True, ORDERS[2]),
+    ("frac", False, ORDERS[0]), ("frac", True, ORDERS[1]), ("frac", False, ORDERS[2]),
+    ("hc", True, ORDERS[0]), ("hc", True, ORDERS[1]), ("hc", False, ORDERS[2]),
+]
+
+
+def test_the_checkpoint_cases_cover_every_pair_of_factors():
+    levels = [tuple(VARIANTS), (False, True), ORDERS]
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        assert {(c[i], c[j]) for c in CHECKPOINT_CASES} == {(a, b) for a in levels[i] for b in levels[j]}
+
+
+@pytest.mark.parametrize("variant,sac,order", CHECKPOINT_CASES,
+                         ids=[f"{o}-{'sac' if s else 'ac'}-{v}" for v, s, o in CHECKPOINT_CASES])
 def test_checkpointing_with_and_without_compile_gives_the_eager_gradients(variant, sac, order):
     new = _rewritten(variant)
     x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(3))  # not the capture's shape

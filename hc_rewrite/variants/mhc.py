@@ -54,6 +54,12 @@ class MHCParams(ConnectionParams):
 
     def __init__(self, n, width, dynamic, has_res=True, generator=None, dtype=None, device=None):
         super().__init__(n, width, dynamic)
+        self._make_parameters(has_res, dtype, device)
+        self.reset_parameters(generator)
+
+    def _make_parameters(self, has_res, dtype, device) -> None:
+        """The parameters, uninitialised (:meth:`reset_parameters` fills them)."""
+        n, width, dynamic = self.n, self.width, self.dynamic
         self.has_res = has_res
         kw = {"dtype": dtype, "device": device}
         k = 2 * n + (n * n if has_res else 0)
@@ -69,7 +75,6 @@ class MHCParams(ConnectionParams):
         else:
             self.register_parameter("phi", None)
             self.register_parameter("alpha", None)
-        self.reset_parameters(generator)
 
     @torch.no_grad()
     def reset_parameters(self, generator=None) -> None:

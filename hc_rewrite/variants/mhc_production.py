@@ -27,7 +27,7 @@ from torch import nn
 from .. import production
 from ..errors import SpecError
 from ..ops.reference import logit
-from .base import OpDef, Variant, stream_op
+from .base import ConnectionParams, OpDef, Variant, stream_op
 from .mhc import MHC, MHC_RES_DIAGONAL, MHCParams
 
 #: flavours and whether the stream ends in a learned head
@@ -42,16 +42,14 @@ class MHCProductionParams(MHCParams):
 
     def __init__(self, n, width, dynamic, head=False, hc_eps=production.HC_EPS, generator=None, dtype=None,
                  device=None):
-        object.__setattr__(self, "hc_eps", hc_eps)  # read by reset_parameters, which MHCParams.__init__ calls
-        object.__setattr__(self, "head", False)
-        MHCParams.__init__(self, n, width, dynamic, has_res=True, generator=generator, dtype=dtype, device=device)
-        self.head = head
+        ConnectionParams.__init__(self, n, width, dynamic)
+        self.hc_eps, self.head = hc_eps, head
+        self._make_parameters(True, dtype, device)
         kw = {"dtype": dtype, "device": device}
         for name, shape in (("hc_fn", (n, n * width)), ("hc_base", (n,)), ("hc_scale", (1,))):
             wanted = head and (dynamic or name == "hc_base")
             self.register_parameter(name, nn.Parameter(torch.empty(shape, **kw)) if wanted else None)
-        if head:
-            self._reset_head(generator)
+        self.reset_parameters(generator)
 
     @torch.no_grad()
     def reset_parameters(self, generator=None) -> None:
