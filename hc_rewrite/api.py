@@ -81,8 +81,8 @@ def _describe_flavour(spec) -> str:
 
 def model_rms_eps(model) -> tuple:
     """``(eps, where)``: the RMS normalisation eps of ``model`` for production mHC: its HF config's
-    ``rms_norm_eps``, else the ``eps`` (``variance_epsilon``) of its first RMSNorm module (``nn.RMSNorm`` or a class named so), else
-    DeepSeek-V4's default."""
+    ``rms_norm_eps``, else the ``eps`` (``variance_epsilon``) of its first RMSNorm module (``nn.RMSNorm`` or a class
+    named so), else DeepSeek-V4's default."""
     from .production import RMS_EPS
 
     def number(value) -> bool:

@@ -73,6 +73,15 @@ def moved_copy(new, seed: int = 0):
     return out
 
 
+def assert_pairwise_cover(cases, levels) -> None:
+    """Every pair of values of any two factors (``levels[i]``: the values of factor ``i``, position ``i`` of each
+    case) occurs in some case of ``cases``: what a pairwise covering array stands for."""
+    for i in range(len(levels)):
+        for j in range(i + 1, len(levels)):
+            seen = {(case[i], case[j]) for case in cases}
+            assert seen == {(a, b) for a in levels[i] for b in levels[j]}, (i, j)
+
+
 class CountingBackend:
     """A ``torch.compile`` backend counting the graphs dynamo hands it; runs them eagerly, or through the named
     ``backend``. With ``fullgraph=True`` a graph break raises, so ``graphs == 1`` after one call is what

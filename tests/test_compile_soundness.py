@@ -21,7 +21,7 @@ import torch
 import hc_rewrite
 from hc_rewrite.zoo import ZOO
 
-from .helpers import moved_copy, rel_err
+from .helpers import assert_pairwise_cover, moved_copy, rel_err
 
 TOL = 1e-5
 
@@ -113,7 +113,7 @@ ORDERS = [("original", "rewritten"), ("rewritten", "original")]
 
 #: variant x static/dynamic x scope x order, as a pairwise covering array: every pair of values of any two of the four
 #: factors occurs in some case (6 cases instead of the 24 of the full product; the pin acts at dynamo's guard level,
-#: whatever the variant, so a failure needs at most two factors to meet). test_the_matrix_covers_every_pair_of_factors checks it.
+#: whatever the variant, so a failure needs at most two factors to meet). The test below checks the cover.
 MATRIX = [
     ("mhc", True, "whole", ORDERS[0]), ("mhc", False, "block", ORDERS[1]),
     ("frac", True, "block", ORDERS[0]), ("frac", False, "whole", ORDERS[1]),
@@ -129,11 +129,7 @@ def test_each_compiled_model_computes_its_own_function(llama, ids, rewritten, va
 
 def test_the_matrix_covers_every_pair_of_factors():
     """The covering array above holds every pair of values of any two factors (what the 6 cases stand for)."""
-    levels = [("mhc", "frac", "hc"), (True, False), ("whole", "block"), tuple(ORDERS)]
-    for i in range(4):
-        for j in range(i + 1, 4):
-            seen = {(case[i], case[j]) for case in MATRIX}
-            assert seen == {(a, b) for a in levels[i] for b in levels[j]}, (i, j)
+    assert_pairwise_cover(MATRIX, [("mhc", "frac", "hc"), (True, False), ("whole", "block"), tuple(ORDERS)])
 
 
 @pytest.mark.parametrize("scope", ["whole", "block"])

@@ -21,7 +21,7 @@ import hc_rewrite
 from benchmarks.e2e import GPTStack
 from hc_rewrite.zoo import ZOO
 
-from .helpers import CountingBackend, moved_copy, rel_err
+from .helpers import CountingBackend, assert_pairwise_cover, moved_copy, rel_err
 
 VARIANTS = ("mhc", "frac", "hc")
 BACKEND = "aot_eager"
@@ -91,9 +91,7 @@ CHECKPOINT_CASES = [
 
 
 def test_the_checkpoint_cases_cover_every_pair_of_factors():
-    levels = [tuple(VARIANTS), (False, True), ORDERS]
-    for i, j in ((0, 1), (0, 2), (1, 2)):
-        assert {(c[i], c[j]) for c in CHECKPOINT_CASES} == {(a, b) for a in levels[i] for b in levels[j]}
+    assert_pairwise_cover(CHECKPOINT_CASES, [VARIANTS, (False, True), ORDERS])
 
 
 @pytest.mark.parametrize("variant,sac,order", CHECKPOINT_CASES,

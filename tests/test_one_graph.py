@@ -2,9 +2,9 @@
 
 ``torch.compile(new, fullgraph=True)`` of the structure-preserving form traces the stream machinery (start, entry
 and post of every site) into the model's graph: 1 graph (a counting backend), 0 breaks (``fullgraph`` raises at
-one); values and gradients equal eager; per-block compile (``layer.compile(fullgraph=True)`` on every block, as torchtitan does)
-compiles one graph that the blocks share; another batch size and sequence length cost at most one recompile.
-Graph counts do not depend on the backend: these run on ``aot_eager`` (Inductor's own tests are elsewhere).
+one); values and gradients equal eager; per-block compile (``layer.compile(fullgraph=True)`` on every block, as
+torchtitan does) compiles one graph that the blocks share; another batch size and sequence length cost at most one
+recompile. Graph counts do not depend on the backend: these run on ``aot_eager`` (Inductor's own tests are elsewhere).
 """
 from __future__ import annotations
 
