@@ -140,6 +140,16 @@ def build(row, d, layers, x, device, compile_, kernels, seed=0):
     return compiled, gm, how
 
 
+def _minor_faults() -> int:
+    """Minor page faults of this process so far: a page the allocator took from the OS, touched for the first time.
+    Recorded per step and row: a row whose buffers go back to the OS between steps pays the faults in its time."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class Runner:
     """One row in one mode: its model, optimizer and training step."""
 
@@ -151,6 +161,7 @@ class Runner:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda"
                          else torch.autocast("cpu", enabled=False))
         self.times: list = []
+        self.faults: list = []  # minor page faults per timed step (a fault per page first touched)
         self.loss = float("nan")
         self.check_err = None
         if mode == "compiled":  # the compiled graph must be this row's own (benchmarks/compiled_check.py)
@@ -162,6 +173,7 @@ class Runner:
 
     def step(self, timed: bool):
         sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
+        f0 = _minor_faults()
         t0 = time.perf_counter()
         with self.autocast:
             loss = self.model(self.x).float().square().mean()
@@ -171,11 +183,13 @@ class Runner:
         sync()
         if timed:
             self.times.append((time.perf_counter() - t0) * 1e3)
+            self.faults.append(_minor_faults() - f0)
         self.loss = float(loss.detach())
 
     def result(self) -> dict:
         return {"variant": self.row, "mode": self.mode, "compiled": self.how,
                 "step_ms": statistics.median(self.times), "times_ms": [round(t, 3) for t in self.times],
+                "faults_per_step": statistics.median(self.faults),
                 "loss": self.loss, "params": sum(p.numel() for p in self.params_of.parameters()),
                 "compiled_vs_eager": self.check_err}
 
@@ -275,14 +289,15 @@ def main(argv=None) -> int:
     else:
         results["runs"] = run_interleaved(keys, args, x, device)
     base = {r["mode"]: r for r in results["runs"] if r["variant"] == "residual"}
-    print(f"{'variant':10} {'mode':8} {'step ms':>9} {'x res':>6} {'peak GiB':>9} {'x res':>6}  compiled with")
+    print(f"{'variant':10} {'mode':8} {'step ms':>9} {'x res':>6} {'peak GiB':>9} {'x res':>6} {'faults':>7}"
+          "  compiled with")
     for r in results["runs"]:
         b = base.get(r["mode"])
         r["x_residual"] = r["step_ms"] / b["step_ms"] if b else float("nan")
         peak = r.get("peak_GiB", float("nan"))
         rel_m = peak / b["peak_GiB"] if b and "peak_GiB" in b else float("nan")
         print(f"{r['variant']:10} {r['mode']:8} {r['step_ms']:9.2f} {r['x_residual']:6.3f} {peak:9.2f} {rel_m:6.3f}"
-              f"  {r['compiled']}")
+              f" {r['faults_per_step']:7.0f}  {r['compiled']}")
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:

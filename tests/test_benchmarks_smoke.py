@@ -26,6 +26,7 @@ def test_e2e_tiny(tmp_path):
     assert [r["variant"] for r in res["runs"]] == ["residual", "mhc", "frac", "hc"]
     for r in res["runs"]:
         assert math.isfinite(r["step_ms"]) and r["step_ms"] > 0 and math.isfinite(r["loss"])
+        assert r["faults_per_step"] >= 0  # page faults per step, recorded for every row
     params = {r["variant"]: r["params"] for r in res["runs"]}
     assert params["mhc"] > params["residual"] and params["hc"] > params["residual"]
 
@@ -109,3 +110,4 @@ def test_memory_small_eager(tmp_path):
     runs = {r["variant"]: r for r in json.loads(out.read_text())["runs"]}
     assert runs["residual"]["x_residual"] == 1.0
     assert runs["module-mhc"]["x_residual"] > runs["module-frac"]["x_residual"] > 1.0
+

@@ -100,3 +100,29 @@ def test_fusible_coefficients_under_autocast(name):
     leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     grads = torch.autograd.grad(sum(o.float().sum() for o in got), leaves, allow_unused=True)
     assert all(d is None or (d.dtype == a.dtype and torch.isfinite(d).all()) for a, d in zip(leaves, grads))
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 37])
+def test_tiled_sinkhorn_any_token_count(tokens):
+    """Sinkhorn on tiles of 16 tokens equals the reference for token counts that fill the last tile or not
+    (values and gradients, fp64)."""
+    g = _gen(tokens)
+    logits = _rand(g, tokens, 4, 4, dtype=torch.float64, scale=3.0)
+    got, want = fusible.tiled_sinkhorn(logits, 9), ref.sinkhorn_log(logits, 9)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(_grads(got, [logits]), _grads(want, [logits]), atol=1e-12, rtol=1e-12)
+
+
+def test_tiled_sinkhorn_compiles_with_dynamic_token_counts():
+    """Under ``torch.compile(dynamic=True)`` one graph serves token counts that are and are not multiples of the
+    tile (no guard on the padding; tokens are at least 2 tiles, so none on a single tile), with the reference's
+    values."""
+    torch._dynamo.reset()
+    frames = []
+    f = torch.compile(lambda z: fusible.tiled_sinkhorn(z, 5), dynamic=True,
+                      backend=lambda gm, inputs: frames.append(gm) or gm)
+    g = _gen(4)
+    for tokens in (37, 48, 5):
+        z = torch.randn(tokens, 3, 3, generator=g)
+        torch.testing.assert_close(f(z), ref.sinkhorn_log(z, 5), atol=1e-6, rtol=1e-6)
+    assert len(frames) == 1

@@ -15,10 +15,12 @@ Here, with the same functions of the reference and other contractions passed in:
   stream itself and the two statistics come from a reduction Inductor fuses with whatever wrote the stream; the
   product's three matmuls (forward and backward) in the orientation the CPU BLAS is fastest at for a handful of
   output columns (:func:`narrow_matmul`);
-* :func:`tokens_last_sinkhorn`: Sinkhorn-Knopp on the ``[T, n, n]`` logits laid out ``[n, n, T]``. Inductor puts
-  the innermost dim of a buffer in its vector lanes; with ``n x n`` innermost (16 floats, each row 4) the 20
+* :func:`tiled_sinkhorn`: Sinkhorn-Knopp on the ``[T, n, n]`` logits laid out ``[T / 16, n, n, 16]``. Inductor
+  puts the innermost dim of a buffer in its vector lanes; with ``n x n`` innermost (16 floats, each row 4) the 20
   iterations' ``exp`` and ``log`` ran one float at a time, with the tokens innermost they run 16 at a time and
-  the sums over a row or column are unrolled.
+  the sums over a row or column are unrolled. Tiles of 16 tokens rather than one ``[n, n, T]`` copy: Inductor
+  parallelises each pass over the tiles instead of over the ``n`` rows, and the mHC training step was 3 % faster
+  (``benchmarks/RESULTS.md``).
 
 mHC's ``RMSNorm(vec(W)) @ phi`` applies the scale after the product already in the reference
 (:func:`~hc_rewrite.ops.reference.rms_project`, also the fastest eager form); its fusible form
@@ -77,12 +79,23 @@ def centered_ln_project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (narrow_matmul(x, weight) - mean * weight.sum(dim=0)) * torch.rsqrt(var + 1e-5)
 
 
-def tokens_last_sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
-    """:func:`~hc_rewrite.ops.reference.sinkhorn_log` of ``[..., n, n]`` logits, computed on a ``[n, n, tokens]``
-    copy (the tokens innermost: Inductor's vector lanes) and handed back ``[..., n, n]``."""
+#: tokens per tile of :func:`tiled_sinkhorn`: one AVX-512 vector of fp32 (two AVX2 vectors)
+SINKHORN_TILE = 16
+
+
+def tiled_sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """:func:`~hc_rewrite.ops.reference.sinkhorn_log` of ``[..., n, n]`` logits, computed on a
+    ``[tiles, n, n, SINKHORN_TILE]`` copy (the tokens innermost in tiles: Inductor's vector lanes) and handed back
+    ``[..., n, n]``. The last tile is padded with zero logits (their uniform matrices are dropped), and there are
+    at least two tiles: a symbolic tile count that may be 1 makes dynamo specialise on it (one more recompile)."""
     n = logits.shape[-1]
-    z = logits.reshape(-1, n, n).permute(1, 2, 0).contiguous()
-    return ref.sinkhorn_log(z, iters, dims=(1, 0)).permute(2, 0, 1).reshape(logits.shape)
+    z = logits.reshape(-1, n, n)
+    tokens = z.shape[0]
+    tiles = torch.sym_max((tokens + SINKHORN_TILE - 1) // SINKHORN_TILE, 2)  # never 1: no size-1 guard
+    z = torch.cat([z, z.new_zeros(tiles * SINKHORN_TILE - tokens, n, n)])  # no branch: a symbolic size may be 0
+    z = z.reshape(tiles, SINKHORN_TILE, n, n).permute(0, 2, 3, 1).contiguous()
+    h = ref.sinkhorn_log(z, iters, dims=(2, 1)).permute(0, 3, 1, 2).reshape(tiles * SINKHORN_TILE, n, n)
+    return h[:tokens].reshape(logits.shape)
 
 
 def narrow_rms_project(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -92,8 +105,8 @@ def narrow_rms_project(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 
 def mhc_coeffs(w, phi, alpha, b_pre, b_post, b_res, eps, iters):
-    """The ``mhc_coeffs`` operator, Sinkhorn with the tokens innermost, the projection in the narrow orientations."""
-    return mhc_coeffs_op(w, phi, alpha, b_pre, b_post, b_res, eps, iters, sinkhorn=tokens_last_sinkhorn,
+    """The ``mhc_coeffs`` operator, Sinkhorn on token tiles, the projection in the narrow orientations."""
+    return mhc_coeffs_op(w, phi, alpha, b_pre, b_post, b_res, eps, iters, sinkhorn=tiled_sinkhorn,
                          project=narrow_rms_project)
 
 
@@ -130,4 +143,4 @@ FUSIBLE = {
 }
 
 __all__ = ["FUSIBLE", "unrolled_matmul", "narrow_matmul", "centered_ln_project", "narrow_rms_project",
-           "tokens_last_sinkhorn"]
+           "tiled_sinkhorn"]
