@@ -33,6 +33,11 @@ import statistics
 import sys
 import time
 
+try:
+    import resource  # POSIX only: page faults per step
+except ImportError:
+    resource = None
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -143,11 +148,7 @@ def build(row, d, layers, x, device, compile_, kernels, seed=0):
 def _minor_faults() -> int:
     """Minor page faults of this process so far: a page the allocator took from the OS, touched for the first time.
     Recorded per step and row: a row whose buffers go back to the OS between steps pays the faults in its time."""
-    try:
-        import resource  # POSIX only
-    except ImportError:
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
 
 
 class Runner:

@@ -110,4 +110,3 @@ def test_memory_small_eager(tmp_path):
     runs = {r["variant"]: r for r in json.loads(out.read_text())["runs"]}
     assert runs["residual"]["x_residual"] == 1.0
     assert runs["module-mhc"]["x_residual"] > runs["module-frac"]["x_residual"] > 1.0
-
