@@ -20,7 +20,9 @@ Here, with the same functions of the reference and other contractions passed in:
   iterations' ``exp`` and ``log`` ran one float at a time, with the tokens innermost they run 16 at a time and
   the sums over a row or column are unrolled. Tiles of 16 tokens rather than one ``[n, n, T]`` copy: Inductor
   parallelises each pass over the tiles instead of over the ``n`` rows, and the mHC training step was 3 % faster
-  (``benchmarks/RESULTS.md``).
+  (``benchmarks/RESULTS.md``). On fp32 CPU logits :func:`sinkhorn` runs the C++ kernel of
+  :mod:`hc_rewrite.ops.cpu_sinkhorn` instead (all iterations in registers; Inductor cannot fuse them), the tiled
+  form elsewhere (fp64; GPUs, where the ``hc_fused`` kernels cover mHC's coefficients).
 
 mHC's ``RMSNorm(vec(W)) @ phi`` applies the scale after the product already in the reference
 (:func:`~hc_rewrite.ops.reference.rms_project`, also the fastest eager form); its fusible form
@@ -37,6 +39,7 @@ from __future__ import annotations
 import torch
 
 from ..variants.mhc import mhc_coeffs_op
+from . import cpu_sinkhorn
 from . import reference as ref
 
 
@@ -98,6 +101,15 @@ def tiled_sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     return h[:tokens].reshape(logits.shape)
 
 
+def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """mHC's Sinkhorn in its fastest compiled form: on fp32 CPU logits the C++ kernel
+    (:mod:`hc_rewrite.ops.cpu_sinkhorn`, one pass, all iterations in registers) where it builds, else
+    :func:`tiled_sinkhorn`."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and cpu_sinkhorn.available():
+        return cpu_sinkhorn.sinkhorn(logits, iters)
+    return tiled_sinkhorn(logits, iters)
+
+
 def narrow_rms_project(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """:func:`~hc_rewrite.ops.reference.rms_project` with its product through :func:`narrow_matmul` (mHC's
     ``[tokens, n*C] x [n*C, 2n + n*n]``: 24 columns at n=4)."""
@@ -105,8 +117,8 @@ def narrow_rms_project(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 
 def mhc_coeffs(w, phi, alpha, b_pre, b_post, b_res, eps, iters):
-    """The ``mhc_coeffs`` operator, Sinkhorn on token tiles, the projection in the narrow orientations."""
-    return mhc_coeffs_op(w, phi, alpha, b_pre, b_post, b_res, eps, iters, sinkhorn=tiled_sinkhorn,
+    """The ``mhc_coeffs`` operator, Sinkhorn by :func:`sinkhorn`, the projection in the narrow orientations."""
+    return mhc_coeffs_op(w, phi, alpha, b_pre, b_post, b_res, eps, iters, sinkhorn=sinkhorn,
                          project=narrow_rms_project)
 
 
@@ -143,4 +155,4 @@ FUSIBLE = {
 }
 
 __all__ = ["FUSIBLE", "unrolled_matmul", "narrow_matmul", "centered_ln_project", "narrow_rms_project",
-           "tiled_sinkhorn"]
+           "tiled_sinkhorn", "sinkhorn"]
