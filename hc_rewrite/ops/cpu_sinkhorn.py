@@ -2,21 +2,23 @@
 
 What :func:`hc_rewrite.ops.reference.sinkhorn_log` computes on ``[..., n, n]`` fp32 logits (20 log-space iterations,
 each a row then a column ``z <- z - logsumexp(z)``, then ``exp``), in one pass over the tokens: every tile of
-``Vectorized<float>::size()`` tokens is loaded once, transposed so that the tokens are the vector lanes, and all
-iterations run in registers. The backward kernel recomputes the iterations of its tile, keeps each half-step's
-``exp`` (the softmax the ``logsumexp``'s derivative needs) and runs them backwards: per half-step
-``g <- g - s * sum(g)`` along the same row or column.
+``Vectorized<float>::size()`` tokens is loaded once with the tokens as the vector lanes, and all iterations run in
+registers. While every entry of a tile lies within ``e^30`` of its row's maximum, the iterations run on scalings
+of ``K = exp(z - rowmax)`` (``r <- 1 / (K c)``, ``c <- 1 / (K^T r)``: the same matrices up to rounding, one ``exp``
+per entry in all); otherwise in log space. The backward kernel recomputes its tile's iterations and runs them
+backwards: per half-step ``g <- g - s * sum(g)`` along the same row or column, ``s`` the matrix after that step.
+The output is laid out ``[n * n, tokens]`` (entries major), as the narrow projection hands the logits over.
 
 Why a kernel of our own: Inductor cannot fuse the iterations. Each row or column statistic is a buffer of another
 shape than the matrix, so every pass of every iteration is its own parallel loop (an ``omp for`` with its barrier,
 about 100 in one forward kernel), and the forward is recomputed in backward. At 1024 tokens, n = 4, the compiled
-forward and backward of :func:`hc_rewrite.ops.fusible.tiled_sinkhorn` took 2.1 ms on the 2-core CPU, these kernels
-0.58 ms (``docs/kernels.md``).
+forward and backward of :func:`hc_rewrite.ops.fusible.tiled_sinkhorn` took 1.3-2.1 ms on the 2-core CPU, these
+kernels 0.11 ms (``docs/kernels.md``, item 6).
 
 The source is built with Inductor's own C++ toolchain (``CppPythonBindingsCodeCache``: the compiler, flags and vector
 ISA Inductor uses for its CPU kernels, cached on disk), once per ``(n, iters)``. :func:`available` says whether that
 worked; :func:`hc_rewrite.ops.fusible.sinkhorn` uses the kernel only then (and only for fp32 CPU logits), else the
-tiled form, with a warning that says why. On any other tensor (fp64, another device) the ops run the reference.
+tiled form, with a warning that says why. The ops have CPU kernels only; on other dtypes they run the reference.
 """
 from __future__ import annotations
 
@@ -120,7 +122,8 @@ inline void linear_iterations(const Vec* kmat, Vec (*r)[N], Vec (*c)[N]) {
     for (int t = 0; t < K; ++t) {
         for (int i = 0; i < N; ++i) {
             Vec sum(0.f);
-            for (int j = 0; j < N; ++j) sum = t ? at::vec::fmadd(kmat[i * N + j], c[t - 1][j], sum) : sum + kmat[i * N + j];
+            for (int j = 0; j < N; ++j)
+                sum = t ? at::vec::fmadd(kmat[i * N + j], c[t - 1][j], sum) : sum + kmat[i * N + j];
             r[t][i] = Vec(1.f) / sum;
         }
         for (int j = 0; j < N; ++j) {
@@ -167,7 +170,8 @@ inline void backward_tile(Vec* z, Vec* g) {
                 for (int e = 0; e < NN; ++e) g[e] = g[e] * s[e];  // through the output (the same matrix)
             step_back<true>(g, s);
             for (int i = 0; i < N; ++i)  // after its row step
-                for (int j = 0; j < N; ++j) s[i * N + j] = t ? kmat[i * N + j] * r[t][i] * c[t - 1][j] : kmat[i * N + j] * r[t][i];
+                for (int j = 0; j < N; ++j)
+                    s[i * N + j] = t ? kmat[i * N + j] * r[t][i] * c[t - 1][j] : kmat[i * N + j] * r[t][i];
             step_back<false>(g, s);
         }
         return;
