@@ -223,11 +223,17 @@ def run_interleaved(keys, args, x, device, progress=print) -> list:
         r.warm_up(args.warmup)
         runners.append(r)
         progress(f"  built {row:10} {mode:8} ({r.how}; warm-up {time.perf_counter() - t0:.0f} s)")
-    for rnd in range(args.steps):
+    step_rotated(runners, args.steps)
+    return [r.result() for r in runners]
+
+
+def step_rotated(runners, rounds: int) -> None:
+    """``rounds`` rounds of one timed step of every runner, the order rotated every round (so slow phases of a
+    shared machine hit every row alike)."""
+    for rnd in range(rounds):
         k = rnd % len(runners)
         for r in runners[k:] + runners[:k]:
             r.step(True)
-    return [r.result() for r in runners]
 
 
 def _rows(args) -> list:

@@ -19,7 +19,7 @@ from hc_rewrite.ops import cpu_sinkhorn, fusible
 from hc_rewrite.variants.mhc import mhc_coeffs_op
 
 from .compiled_check import check_compiled
-from .e2e import Runner
+from .e2e import Runner, step_rotated
 
 
 def _tiled(w, phi, alpha, b_pre, b_post, b_res, eps, iters):
@@ -64,12 +64,9 @@ def main(argv=None) -> dict:
         calls[0] += 1
         return run(*a)
 
-    keys = list(rows)
     cpu_sinkhorn._run = counting
     try:
-        for i in range(args.rounds):
-            for key in keys[i % len(keys):] + keys[:i % len(keys)]:
-                rows[key].step(True)
+        step_rotated(list(rows.values()), args.rounds)
     finally:
         cpu_sinkhorn._run = run
     base = statistics.median(rows["residual"].times)

@@ -73,16 +73,13 @@ def test_other_dtypes_run_the_reference():
     torch.testing.assert_close(cpu_sinkhorn.sinkhorn(z64, 7), ref.sinkhorn_log(z64, 7), atol=0, rtol=0)
 
 
-def test_fusible_sinkhorn_picks_the_kernel_for_fp32_cpu():
+def test_fusible_sinkhorn_picks_the_kernel_for_fp32_cpu(monkeypatch):
     calls = []
     z32 = torch.randn(5, 4, 4)
-    orig = cpu_sinkhorn._run
-    try:
-        cpu_sinkhorn._run = lambda *a: calls.append(a) or orig(*a)
-        fusible.sinkhorn(z32, 5)
-        fusible.sinkhorn(z32.double(), 5)  # fp64: the tiled form
-    finally:
-        cpu_sinkhorn._run = orig
+    run = cpu_sinkhorn._run
+    monkeypatch.setattr(cpu_sinkhorn, "_run", lambda *a: calls.append(a) or run(*a))
+    fusible.sinkhorn(z32, 5)
+    fusible.sinkhorn(z32.double(), 5)  # fp64: the tiled form
     assert len(calls) == 1
 
 

@@ -220,11 +220,11 @@ def _kernel(n: int, iters: int):
 
 
 @functools.lru_cache(maxsize=None)
-def available() -> bool:
-    """Whether the kernel builds here (once per process; on failure a warning says why, and the compiled mHC
-    coefficients keep Inductor's tiled Sinkhorn: the same values, slower)."""
+def available(n: int = 4, iters: int = ref.SINKHORN_ITERS) -> bool:
+    """Whether the kernel for ``n`` and ``iters`` builds here (once per process; on failure a warning says why, and
+    the compiled mHC coefficients keep Inductor's tiled Sinkhorn: the same values, slower)."""
     try:
-        _kernel(4, 1)
+        _kernel(n, iters)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the tiled form
         warnings.warn(f"hc_rewrite: the CPU Sinkhorn kernel could not be built ({type(exc).__name__}: {exc}); "
                       "compiled mHC runs Inductor's tiled Sinkhorn instead (same values, slower)", stacklevel=2)
@@ -234,6 +234,11 @@ def available() -> bool:
 
 def _uses_kernel(*tensors) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+def applies(logits: torch.Tensor, iters: int) -> bool:
+    """Whether :func:`sinkhorn` runs the kernel on these logits: fp32 on the CPU, and the kernel builds."""
+    return _uses_kernel(logits) and available(logits.shape[-1], iters)
 
 
 def _output_strides(shape) -> tuple:
@@ -246,6 +251,11 @@ def _output_strides(shape) -> tuple:
         lead.append(tokens)
         tokens *= size
     return (*reversed(lead), n * tokens, tokens)
+
+
+def _new_output(like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised output of ``like``'s shape, dtype and device, laid out by :func:`_output_strides`."""
+    return like.new_empty_strided(like.shape, _output_strides(like.shape))
 
 
 def _token_strides(t: torch.Tensor) -> tuple | None:
@@ -265,24 +275,26 @@ def _token_strides(t: torch.Tensor) -> tuple | None:
     return (token[0] if token else 0, stride[-1])
 
 
+def _as_matrix(t: torch.Tensor) -> tuple:
+    """``t`` and its :func:`_token_strides`; a contiguous copy where its layout has no such two strides."""
+    strides = _token_strides(t)
+    if strides is None:
+        t = t.contiguous()
+        strides = _token_strides(t)
+    return t, strides
+
+
 def _run(logits: torch.Tensor, grad: torch.Tensor | None, iters: int) -> torch.Tensor:
     """The kernel, on as few torch calls as can be (each costs tens of microseconds when the caches are cold, as
     they are between a training step's big matmuls)."""
     n = logits.shape[-1]
-    ls = _token_strides(logits)
-    if ls is None:
-        logits = logits.contiguous()
-        ls = _token_strides(logits)
-    gs = ls
-    if grad is not None:
-        gs = _token_strides(grad)
-        if gs is None:
-            grad = grad.contiguous()
-            gs = _token_strides(grad)
-    out = torch.empty_strided(logits.shape, _output_strides(logits.shape))
+    backward = grad is not None
+    logits, ls = _as_matrix(logits)
+    grad, gs = _as_matrix(grad) if backward else (logits, ls)
+    out = _new_output(logits)
     tokens = logits.numel() // (n * n)
     if tokens:
-        _kernel(n, iters)(logits, *ls, logits if grad is None else grad, *gs, out, tokens, 0 if grad is None else 1)
+        _kernel(n, iters)(logits, *ls, grad, *gs, out, tokens, int(backward))
     return out
 
 
@@ -294,8 +306,7 @@ lib.define("sinkhorn_backward(Tensor logits, Tensor grad, int iters) -> Tensor")
 def _sinkhorn_cpu(logits: torch.Tensor, iters: int) -> torch.Tensor:
     if _uses_kernel(logits):
         return _run(logits, None, iters)
-    out = torch.empty_strided(logits.shape, _output_strides(logits.shape), dtype=logits.dtype)
-    return out.copy_(ref.sinkhorn_log(logits, iters))
+    return _new_output(logits).copy_(ref.sinkhorn_log(logits, iters))
 
 
 def _sinkhorn_backward_cpu(logits: torch.Tensor, grad: torch.Tensor, iters: int) -> torch.Tensor:
@@ -304,7 +315,7 @@ def _sinkhorn_backward_cpu(logits: torch.Tensor, grad: torch.Tensor, iters: int)
     with torch.enable_grad():
         z = logits.detach().requires_grad_(True)
         got = torch.autograd.grad(ref.sinkhorn_log(z, iters), z, grad)[0]
-    return torch.empty_strided(logits.shape, _output_strides(logits.shape), dtype=logits.dtype).copy_(got)
+    return _new_output(logits).copy_(got)
 
 
 lib.impl("sinkhorn", _sinkhorn_cpu, "CPU")
@@ -313,12 +324,12 @@ lib.impl("sinkhorn_backward", _sinkhorn_backward_cpu, "CPU")
 
 @torch.library.register_fake("hc_cpu::sinkhorn", lib=lib)
 def _fake_sinkhorn(logits, iters):
-    return logits.new_empty_strided(logits.shape, _output_strides(logits.shape))
+    return _new_output(logits)
 
 
 @torch.library.register_fake("hc_cpu::sinkhorn_backward", lib=lib)
 def _fake_sinkhorn_backward(logits, grad, iters):
-    return logits.new_empty_strided(logits.shape, _output_strides(logits.shape))
+    return _new_output(logits)
 
 
 @contextlib.contextmanager
@@ -367,4 +378,4 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     return _Sinkhorn.apply(logits, iters)
 
 
-__all__ = ["available", "sinkhorn"]
+__all__ = ["applies", "available", "sinkhorn"]

@@ -105,7 +105,7 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     """mHC's Sinkhorn in its fastest compiled form: on fp32 CPU logits the C++ kernel
     (:mod:`hc_rewrite.ops.cpu_sinkhorn`, one pass, all iterations in registers) where it builds, else
     :func:`tiled_sinkhorn`."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32 and cpu_sinkhorn.available():
+    if cpu_sinkhorn.applies(logits, iters):
         return cpu_sinkhorn.sinkhorn(logits, iters)
     return tiled_sinkhorn(logits, iters)
 
