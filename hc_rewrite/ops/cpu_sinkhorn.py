@@ -236,9 +236,12 @@ def _uses_kernel(*tensors) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
-def applies(logits: torch.Tensor, iters: int) -> bool:
-    """Whether :func:`sinkhorn` runs the kernel on these logits: fp32 on the CPU, and the kernel builds."""
-    return _uses_kernel(logits) and available(logits.shape[-1], iters)
+def applies(logits: torch.Tensor, iters) -> bool:
+    """Whether :func:`sinkhorn` runs the kernel on these logits: fp32 on the CPU, and the kernel builds (the one for
+    this ``n`` and ``iters``; the default one where a trace holds them as symbols, which it must not specialise)."""
+    n = logits.shape[-1]
+    key = (n, iters) if type(n) is int and type(iters) is int else ()
+    return _uses_kernel(logits) and available(*key)
 
 
 def _output_strides(shape) -> tuple:
