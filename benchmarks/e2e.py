@@ -14,7 +14,9 @@ under ``torch.compile(backend="hc_rewrite")`` (its lowering stage,
 :func:`hc_rewrite.passes.pipeline.lower`, puts in the fused kernels on CUDA; on CPU Inductor compiles the
 decomposed reference ops), or plain Inductor with ``--kernels off``; the residual and PyPI rows under
 Inductor. Rows ``module-*``: the default (structure-preserving) form, the user's own model, under plain
-``torch.compile`` (Inductor, with hc_rewrite's pre-grad lowering pass). ``eager`` mode: no compile. Every compiled
+``torch.compile`` (Inductor, with hc_rewrite's pre-grad lowering pass); ``module-*-static`` the same with static
+coefficients only (``dynamic=False``: what the input-dependent coefficients cost), ``module-*-save`` without the
+recompute tags. ``eager`` mode: no compile. Every compiled
 row first checks that it computes its own eager model with the parameters moved (``compiled_check.py``).
 
 On CUDA each row runs alone (its peak memory is its own): median of ``--steps`` steps after ``--warmup``.
@@ -92,7 +94,9 @@ MODULE_ROWS = tuple(f"module-{v}" for v in NAMES)
 #: the same, compiled without hc_rewrite's recompute tags (AOTAutograd saves what its partitioner picks): the time
 #: the recomputation costs, and the memory it saves (benchmarks/memory.py)
 SAVE_ROWS = tuple(f"module-{v}-save" for v in NAMES)
-ROWS = (*VARIANTS, *MODULE_ROWS, *SAVE_ROWS, *pypi_stacks.KINDS)
+#: the default form with static coefficients only (``dynamic=False``): what the input-dependent coefficients cost
+STATIC_ROWS = tuple(f"module-{v}-static" for v in NAMES)
+ROWS = (*VARIANTS, *MODULE_ROWS, *SAVE_ROWS, *STATIC_ROWS, *pypi_stacks.KINDS)
 MODES = ("eager", "compiled")
 #: per device: d, layers, batch, seq, warmup, steps, modes
 DEFAULTS = {
@@ -121,9 +125,12 @@ def build(row, d, layers, x, device, compile_, kernels, seed=0):
         return (torch.compile(model) if compile_ else model), model, "inductor" if compile_ else "eager"
     import hc_rewrite
 
-    if row in MODULE_ROWS:  # the user's own model, rewritten; plain torch.compile (what torchtitan / Trainer call)
-        new = hc_rewrite.rewrite(model, (x,), variant=row.removeprefix("module-"), n=4)
-        return (torch.compile(new) if compile_ else new), new, "inductor (default form)" if compile_ else "eager"
+    if row in MODULE_ROWS or row in STATIC_ROWS:  # the user's own model, rewritten; plain torch.compile (what
+        static = row in STATIC_ROWS                # torchtitan / Trainer call)
+        new = hc_rewrite.rewrite(model, (x,), variant=row.removeprefix("module-").removesuffix("-static"), n=4,
+                                 dynamic=not static)
+        how = "inductor (default form" + (", static coefficients)" if static else ")")
+        return (torch.compile(new) if compile_ else new), new, how if compile_ else "eager"
     if row in SAVE_ROWS:
         from hc_rewrite.inductor_pass import PASS
 

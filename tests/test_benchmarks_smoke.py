@@ -110,3 +110,25 @@ def test_memory_small_eager(tmp_path):
     runs = {r["variant"]: r for r in json.loads(out.read_text())["runs"]}
     assert runs["residual"]["x_residual"] == 1.0
     assert runs["module-mhc"]["x_residual"] > runs["module-frac"]["x_residual"] > 1.0
+
+
+@pytest.mark.parametrize("variant, dynamic_names", [("mhc", {"phi", "alpha"}), ("frac", {"w_y", "w_a", "w_b"}),
+                                                    ("hc", {"w_m", "w_r", "w_b"})])
+def test_e2e_static_rows_drop_only_the_dynamic_weights(variant, dynamic_names):
+    """Rows ``module-*-static`` of benchmarks.e2e (what the input-dependent coefficients cost) are the user's model
+    rewritten with the static coefficients only: the same class and static parameters as ``module-*``, none of the
+    dynamic weights, and the plain stack's function at init."""
+    from benchmarks import e2e
+
+    x = torch.randn(2, 16, 32)
+    names = {}
+    for row in (f"module-{variant}", f"module-{variant}-static"):
+        model, params, _ = e2e.build(row, 32, 2, x, "cpu", False, "auto")
+        assert type(model) is e2e.GPTStack
+        names[row] = {n.rsplit(".", 1)[-1] for n, _ in params.named_parameters() if n.startswith("hc.")}
+    assert names[f"module-{variant}"] - names[f"module-{variant}-static"] == dynamic_names
+    assert names[f"module-{variant}-static"] <= names[f"module-{variant}"]
+    plain, _, _ = e2e.build("residual", 32, 2, x, "cpu", False, "auto")
+    static, _, _ = e2e.build(f"module-{variant}-static", 32, 2, x, "cpu", False, "auto")
+    with torch.no_grad():
+        torch.testing.assert_close(static(x), plain(x), rtol=1e-5, atol=1e-5)
