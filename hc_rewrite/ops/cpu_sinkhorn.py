@@ -22,12 +22,12 @@ tiled form, with a warning that says why. The ops have CPU kernels only; on othe
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 
 import torch
 
+from ..passes.tag_stream_recompute import saved_for_backward
 from . import reference as ref
 
 _SOURCE = r"""
@@ -335,29 +335,6 @@ def _fake_sinkhorn_backward(logits, grad, iters):
     return _new_output(logits)
 
 
-@contextlib.contextmanager
-def _saved_for_backward():
-    """While AOTAutograd traces a stream op that :mod:`hc_rewrite.passes.tag_stream_recompute` tagged for
-    recomputation, tag the nodes made here ``MUST_SAVE`` instead: the Sinkhorn output (``n * n`` floats a token,
-    small beside the stream's ``n * C``) is kept for backward rather than computed a third time. Tags of a
-    checkpointed region of the user's are left alone."""
-    from torch.fx import traceback as fx_traceback
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    from ..passes.tag_stream_recompute import GROUP_BASE
-
-    meta = fx_traceback.get_current_meta() if fx_traceback.has_preserved_node_meta() else None
-    if not meta or "recompute" not in meta or meta.get("ac_graph_id", 0) < GROUP_BASE:
-        yield
-        return
-    old = meta["recompute"]
-    meta["recompute"] = CheckpointPolicy.MUST_SAVE
-    try:
-        yield
-    finally:
-        meta["recompute"] = old
-
-
 class _Sinkhorn(torch.autograd.Function):
     """Autograd of the two ops, as a function: AOTAutograd traces it into the joint graph as the forward and the
     backward op (the ops themselves carry no autograd kernel: nothing of Python between them at run time)."""
@@ -366,7 +343,7 @@ class _Sinkhorn(torch.autograd.Function):
     def forward(ctx, logits, iters):
         ctx.save_for_backward(logits)
         ctx.iters = iters
-        with _saved_for_backward():
+        with saved_for_backward():
             return torch.ops.hc_cpu.sinkhorn(logits, iters)
 
     @staticmethod

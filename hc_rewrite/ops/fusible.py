@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import torch
 
+from ..passes.tag_stream_recompute import saved_for_backward
 from ..variants.mhc import mhc_coeffs_op
 from . import cpu_sinkhorn
 from . import reference as ref
@@ -58,7 +59,8 @@ class _NarrowProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w):
         ctx.save_for_backward(x, w)
-        return (w.t() @ x.t()).t()
+        with saved_for_backward():  # a handful of floats a row: kept, never recomputed from the stream
+            return (w.t() @ x.t()).t()
 
     @staticmethod
     def backward(ctx, g):

@@ -28,9 +28,11 @@ After (the same nodes)::
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 
 import torch.fx as fx
+from torch.fx import traceback as fx_traceback
 from torch.utils.checkpoint import CheckpointPolicy
 
 from .lower_stream_ops import stream_op_nodes
@@ -103,3 +105,21 @@ def copy_tags(src: fx.Node, dst: fx.Node) -> None:
     for key in TAGS:
         if key in src.meta:
             dst.meta[key] = src.meta[key]
+
+
+@contextlib.contextmanager
+def saved_for_backward():
+    """While AOTAutograd traces a stream op this pass tagged for recomputation, tag the nodes made in this context
+    ``MUST_SAVE`` instead: a value that is small beside the stream (a few floats a token: the coefficient
+    projection's output, the Sinkhorn output) is kept for backward rather than computed again from the stream.
+    Tags of a checkpointed region of the user's (``ac_graph_id`` below :data:`GROUP_BASE`) are left alone."""
+    meta = fx_traceback.get_current_meta() if fx_traceback.has_preserved_node_meta() else None
+    if not meta or "recompute" not in meta or meta.get("ac_graph_id", 0) < GROUP_BASE:
+        yield
+        return
+    old = meta["recompute"]
+    meta["recompute"] = CheckpointPolicy.MUST_SAVE
+    try:
+        yield
+    finally:
+        meta["recompute"] = old
