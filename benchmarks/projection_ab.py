@@ -11,17 +11,11 @@ plain stack's. ``docs/kernels.md`` item 8 has the runs behind the choice (column
 """
 from __future__ import annotations
 
-import argparse
-import statistics
-
-import torch
-
 from hc_rewrite.ops import fusible
 from hc_rewrite.ops import reference as ref
 from hc_rewrite.variants.mhc import mhc_coeffs_op
 
-from .compiled_check import check_compiled
-from .e2e import Runner, step_rotated
+from . import form_ab
 
 
 def _mhc(matmul):
@@ -51,42 +45,20 @@ FORMS = {
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = form_ab.parser(__doc__)
     parser.add_argument("--variants", nargs="+", choices=list(FORMS), default=["hc", "frac"])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--d", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args(argv)
-    torch._inductor.config.fx_graph_cache = False
-    torch._functorch.config.enable_autograd_cache = False
-    run_args = argparse.Namespace(d=args.d, layers=args.layers, kernels="on")
-    torch.manual_seed(0)
-    x = torch.randn(4, 256, args.d)
-    rows = {"residual": Runner("residual", "compiled", run_args, x, "cpu")}
+    run_args, x, rows = form_ab.setup(args)
     for variant in args.variants:
         op, forms = FORMS[variant]
         original = fusible.FUSIBLE[op]
         try:
             for name, form in forms.items():
                 fusible.FUSIBLE[op] = form
-                key = f"{variant}-{name}"
-                row = Runner(f"module-{variant}", "eager", run_args, x, "cpu")
-                namespace = {"m": row.params_of}
-                exec(compile(f"def step_{variant}_{name}(x):\n    return m(x)\n", f"<{key}>", "exec"), namespace)
-                row.model = torch.compile(namespace[f"step_{variant}_{name}"])
-                row.check_err = check_compiled(row.model, row.params_of, x, autocast=row.autocast)
-                rows[key] = row
-                print(f"{key}: compiled, max error against eager {row.check_err:.2e}", flush=True)
+                rows[f"{variant}-{name}"] = form_ab.compiled_row(variant, f"{variant}-{name}", run_args, x)
         finally:
             fusible.FUSIBLE[op] = original
-    for row in rows.values():
-        row.warm_up(2)
-    step_rotated(list(rows.values()), args.rounds)
-    base = statistics.median(rows["residual"].times)
-    result = {k: statistics.median(r.times) / base for k, r in rows.items()}
-    for key, row in rows.items():
-        print(f"{key:14s} {statistics.median(row.times):8.1f} ms  x{result[key]:.3f}")
-    return result
+    return form_ab.run(rows, args.rounds)
 
 
 if __name__ == "__main__":

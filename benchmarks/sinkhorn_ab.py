@@ -10,16 +10,10 @@ plain stack's, and the kernel's calls per step (one forward and one backward per
 """
 from __future__ import annotations
 
-import argparse
-import statistics
-
-import torch
-
 from hc_rewrite.ops import cpu_sinkhorn, fusible
 from hc_rewrite.variants.mhc import mhc_coeffs_op
 
-from .compiled_check import check_compiled
-from .e2e import Runner, step_rotated
+from . import form_ab
 
 
 def _tiled(w, phi, alpha, b_pre, b_post, b_res, eps, iters):
@@ -31,32 +25,15 @@ FORMS = {"kernel": fusible.mhc_coeffs, "tiled": _tiled}
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--d", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    args = parser.parse_args(argv)
-    torch._inductor.config.fx_graph_cache = False
-    torch._functorch.config.enable_autograd_cache = False
-    run_args = argparse.Namespace(d=args.d, layers=args.layers, kernels="on")
-    torch.manual_seed(0)
-    x = torch.randn(4, 256, args.d)
-    rows = {"residual": Runner("residual", "compiled", run_args, x, "cpu")}
+    args = form_ab.parser(__doc__).parse_args(argv)
+    run_args, x, rows = form_ab.setup(args)
     original = fusible.FUSIBLE["mhc_coeffs"]
     try:
         for name, form in FORMS.items():
             fusible.FUSIBLE["mhc_coeffs"] = form
-            row = Runner("module-mhc", "eager", run_args, x, "cpu")
-            namespace = {"m": row.params_of}
-            exec(compile(f"def step_{name}(x):\n    return m(x)\n", f"<{name}>", "exec"), namespace)
-            row.model = torch.compile(namespace[f"step_{name}"])
-            row.check_err = check_compiled(row.model, row.params_of, x, autocast=row.autocast)
-            rows[name] = row
-            print(f"{name}: compiled, max error against eager {row.check_err:.2e}", flush=True)
+            rows[name] = form_ab.compiled_row("mhc", name, run_args, x)
     finally:
         fusible.FUSIBLE["mhc_coeffs"] = original
-    for row in rows.values():
-        row.warm_up(2)
     calls = [0]
     run = cpu_sinkhorn._run
 
@@ -66,13 +43,9 @@ def main(argv=None) -> dict:
 
     cpu_sinkhorn._run = counting
     try:
-        step_rotated(list(rows.values()), args.rounds)
+        result = form_ab.run(rows, args.rounds)
     finally:
         cpu_sinkhorn._run = run
-    base = statistics.median(rows["residual"].times)
-    result = {k: statistics.median(r.times) / base for k, r in rows.items()}
-    for key, row in rows.items():
-        print(f"{key:9s} {statistics.median(row.times):8.1f} ms  x{result[key]:.3f}")
     print(f"kernel calls per kernel-row step: {calls[0] / args.rounds:.0f}")
     return result
 
